@@ -1,0 +1,113 @@
+"""Shared fixtures: offline models and real `vllm serve` processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vllm_restkv.models import set_offline_env
+
+set_offline_env()
+REPO = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+VLLM = str(BIN / "vllm")
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> Path:
+    from vllm_restkv.models import prepare_tiny
+
+    return prepare_tiny()
+
+
+@pytest.fixture(scope="session")
+def smollm2_model() -> Path:
+    from vllm_restkv.models import prepare_smollm2
+
+    return prepare_smollm2()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({
+        "VLLM_CPU_KVCACHE_SPACE": "1",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "VLLM_NO_USAGE_STATS": "1",
+        "DO_NOT_TRACK": "1",
+        "PYTHONUNBUFFERED": "1",
+    })
+    env.update(extra)
+    return env
+
+
+class Server:
+    """A real `vllm serve` process; its combined output goes to `log_path`."""
+
+    def __init__(self, model: Path, args: list[str], log_path: Path, env: dict[str, str] | None = None):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = log_path
+        cmd = [VLLM, "serve", str(model), "--host", "127.0.0.1", "--port", str(self.port),
+               "--enforce-eager", "--served-model-name", "m", *args]
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env or server_env(),
+                                     start_new_session=True)
+
+    def wait_ready(self, timeout: float = 240) -> None:
+        import httpx
+
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vllm serve exited with {self.proc.returncode}:\n{self.output()[-4000:]}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return
+            time.sleep(1)
+        raise TimeoutError(f"vllm serve not ready after {timeout} s:\n{self.output()[-4000:]}")
+
+    def output(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int | None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self.log.close()
+        return self.proc.returncode
+
+
+@contextlib.contextmanager
+def running_server(model: Path, args: list[str], log_path: Path, env: dict[str, str] | None = None):
+    server = Server(model, args, log_path, env)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+def run_vllm(args: list[str], timeout: float = 180, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run the `vllm` CLI to completion (for start-up failures and --help)."""
+    return subprocess.run([VLLM, *args], capture_output=True, text=True, timeout=timeout, env=env or server_env())

@@ -1,0 +1,113 @@
+"""Eviction settings: parsing, defaults and the errors users see for bad values."""
+
+import argparse
+
+import pytest
+
+from vllm_restkv import cli_args
+from vllm_restkv.config import KVEvictionConfig, KVEvictionConfigError, available_policies
+
+
+def test_defaults_mean_no_eviction():
+    config = KVEvictionConfig.from_value(None)
+    assert config.policy == "none" and not config.enabled
+    assert config.window == 32 and config.alpha == 0.3 and config.beta == 2000.0 and config.kernel_size == 5
+
+
+@pytest.mark.parametrize("value", ["restkv", " restkv ", {"policy": "restkv"}, '{"policy": "restkv"}', "RestKV"])
+def test_policy_forms(value):
+    assert KVEvictionConfig.from_value(value).policy == "restkv"
+
+
+def test_all_documented_policies_are_available():
+    assert {"none", "restkv", "snapkv", "h2o", "tova", "streamingllm", "pyramidkv", "random"} <= set(available_policies())
+
+
+def test_full_settings_roundtrip():
+    config = KVEvictionConfig.from_value(
+        {"policy": "snapkv", "budget": 128, "window": 16, "decode_interval": 0, "kernel_size": 21, "alpha": 0.5}
+    )
+    assert KVEvictionConfig.from_value(config.to_dict()) == config
+    assert config.budget == 128 and config.decode_interval == 0 and config.kernel_size == 21
+
+
+@pytest.mark.parametrize(
+    "value, fragment",
+    [
+        ({"policy": "bogus"}, "unknown policy 'bogus'; allowed policies:"),
+        ({"policy": "restkv", "budget": 16}, "budget 16 is smaller than the observation window 32"),
+        ({"policy": "restkv", "budget": 0}, "smaller than the observation window"),
+        ({"policy": "restkv", "budget": -5}, "smaller than the observation window"),
+        ({"policy": "restkv", "budget": 100.5}, "budget must be an integer"),
+        ({"policy": "restkv", "budget": "many"}, "budget must be an integer"),
+        ({"policy": "restkv", "budget": True}, "budget must be an integer"),
+        ({"policy": "restkv", "window": 0}, "window must be >= 1"),
+        ({"policy": "restkv", "decode_interval": -1}, "decode_interval must be >= 0"),
+        ({"policy": "restkv", "alpha": 0}, "alpha must be in (0, 1]"),
+        ({"policy": "restkv", "kernel_size": 4}, "kernel_size must be an odd integer"),
+        ({"policy": "restkv", "gqa_agg": "median"}, "unknown gqa_agg 'median'"),
+        ({"policy": "restkv", "budgt": 64}, "unknown setting(s) ['budgt']"),
+        ("{not json", "invalid JSON"),
+        (42, "must be a policy name or a mapping"),
+    ],
+)
+def test_bad_values_name_the_value_and_the_allowed_ones(value, fragment):
+    with pytest.raises(KVEvictionConfigError) as err:
+        KVEvictionConfig.from_value(value)
+    assert fragment in str(err.value)
+    if "unknown policy" in fragment:
+        for name in available_policies():
+            assert name in str(err.value)
+
+
+def _parser():
+    parser = argparse.ArgumentParser(exit_on_error=False)
+    parser.add_argument("--additional-config", default=None)
+    cli_args.add_kv_eviction_args(parser)
+    cli_args.add_kv_eviction_args(parser)  # idempotent
+    return parser
+
+
+class _EngineArgs:
+    def __init__(self, additional_config=None):
+        self.additional_config = additional_config or {}
+
+
+def test_flags_reach_additional_config():
+    args = _parser().parse_args(
+        ["--kv-eviction", "restkv", "--kv-eviction-budget", "256", "--kv-eviction-decode-interval", "0",
+         "--kv-eviction-config", '{"kernel_size": 21}']
+    )
+    engine_args = _EngineArgs({"other": 1})
+    cli_args.merge_cli_args_into(engine_args, args)
+    kv = engine_args.additional_config["kv_eviction"]
+    assert engine_args.additional_config["other"] == 1
+    assert kv["policy"] == "restkv" and kv["budget"] == 256 and kv["decode_interval"] == 0 and kv["kernel_size"] == 21
+
+
+def test_flags_override_additional_config_and_keep_its_other_settings():
+    args = _parser().parse_args(["--kv-eviction-budget", "300"])
+    engine_args = _EngineArgs({"kv_eviction": {"policy": "snapkv", "budget": 100, "window": 8}})
+    cli_args.merge_cli_args_into(engine_args, args)
+    kv = engine_args.additional_config["kv_eviction"]
+    assert (kv["policy"], kv["budget"], kv["window"]) == ("snapkv", 300, 8)
+
+
+def test_no_flags_leave_additional_config_alone():
+    engine_args = _EngineArgs({"x": 1})
+    cli_args.merge_cli_args_into(engine_args, _parser().parse_args([]))
+    assert engine_args.additional_config == {"x": 1}
+
+
+@pytest.mark.parametrize("argv", [["--kv-eviction", "bogus"], ["--kv-eviction-budget", "-3"],
+                                  ["--kv-eviction-budget", "1.5"], ["--kv-eviction-config", "[1]"]])
+def test_bad_flags_are_argparse_errors(argv):
+    with pytest.raises((argparse.ArgumentError, SystemExit)):
+        _parser().parse_args(argv)
+
+
+def test_cross_field_error_exits_with_message():
+    args = _parser().parse_args(["--kv-eviction", "restkv", "--kv-eviction-budget", "8"])
+    with pytest.raises(SystemExit) as err:
+        cli_args.merge_cli_args_into(_EngineArgs(), args)
+    assert "budget 8 is smaller than the observation window 32" in str(err.value)

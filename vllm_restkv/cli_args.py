@@ -1,0 +1,124 @@
+"""The `--kv-eviction*` flags of `vllm serve`, and their translation into `additional_config["kv_eviction"]`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from vllm_restkv.config import CONFIG_KEY, KVEvictionConfig, KVEvictionConfigError, available_policies
+
+# flag -> KVEvictionConfig field
+FLAG_FIELDS = {
+    "kv_eviction": "policy",
+    "kv_eviction_budget": "budget",
+    "kv_eviction_window": "window",
+    "kv_eviction_decode_interval": "decode_interval",
+}
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({e}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def add_kv_eviction_args(parser: argparse.ArgumentParser) -> None:
+    if any(a.dest == "kv_eviction" for a in parser._actions):  # idempotent
+        return
+    defaults = KVEvictionConfig()
+    group = parser.add_argument_group(
+        "KVEvictionConfig",
+        description="KV-cache eviction by vllm-restkv: frees KV blocks of running requests back to the allocator. "
+        "Same settings as --additional-config '{\"kv_eviction\": {...}}'.",
+    )
+    group.add_argument(
+        "--kv-eviction",
+        choices=available_policies(),
+        default=None,
+        help=f"Eviction policy (default: {defaults.policy}, no eviction). 'restkv' is ReST-KV; the others are the "
+        "attention-weight baselines.",
+    )
+    group.add_argument(
+        "--kv-eviction-budget",
+        type=_positive_int,
+        default=None,
+        help=f"Tokens kept per request, per layer and KV head, observation window included (default: {defaults.budget}).",
+    )
+    group.add_argument(
+        "--kv-eviction-window",
+        type=_positive_int,
+        default=None,
+        help=f"Observation window: newest tokens always kept, whose queries score the rest (default: {defaults.window}).",
+    )
+    group.add_argument(
+        "--kv-eviction-decode-interval",
+        type=_non_negative_int,
+        default=None,
+        help=f"Evict back to the budget every N decode steps; 0 = never during decode (default: {defaults.decode_interval}).",
+    )
+    group.add_argument(
+        "--kv-eviction-config",
+        type=_json_object,
+        default=None,
+        help="Other settings as JSON, e.g. '{\"alpha\": 0.3, \"kernel_size\": 21}'. Allowed keys: "
+        + ", ".join(KVEvictionConfig.field_names()),
+    )
+
+
+def settings_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    settings: dict[str, Any] = dict(getattr(args, "kv_eviction_config", None) or {})
+    for dest, field in FLAG_FIELDS.items():
+        value = getattr(args, dest, None)
+        if value is not None:
+            settings[field] = value
+    return settings
+
+
+def merge_cli_args_into(engine_args: Any, args: argparse.Namespace) -> None:
+    """Put the parsed flags into engine_args.additional_config; flags win over --additional-config."""
+    settings = settings_from_args(args)
+    if not settings:
+        return
+    additional = dict(engine_args.additional_config or {})
+    existing = additional.get(CONFIG_KEY)
+    merged = dict(KVEvictionConfig.from_value(existing).to_dict()) if existing is not None else {}
+    merged.update(settings)
+    try:
+        additional[CONFIG_KEY] = KVEvictionConfig.from_value(merged).to_dict()
+    except KVEvictionConfigError as e:
+        raise SystemExit(f"vllm serve: error: {e}") from None
+    engine_args.additional_config = additional
+
+
+def normalize_additional_config(engine_args: Any) -> KVEvictionConfig:
+    """Validate and store the complete settings, so the engine core and workers read one canonical dict."""
+    additional = dict(engine_args.additional_config or {})
+    config = KVEvictionConfig.from_value(additional.get(CONFIG_KEY))
+    additional[CONFIG_KEY] = config.to_dict()
+    engine_args.additional_config = additional
+    return config

@@ -1,0 +1,162 @@
+"""KV-eviction settings: one frozen dataclass, parsed and validated from `additional_config["kv_eviction"]`.
+
+`additional_config` is vLLM's channel that reaches the API server, the engine core and every worker, so it is the
+single source of truth. The `--kv-eviction*` flags of `vllm serve` and the offline API
+(`LLM(..., additional_config={"kv_eviction": {...}})`) both end up here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from typing import Any
+
+CONFIG_KEY = "kv_eviction"
+NO_EVICTION = "none"
+
+
+class KVEvictionConfigError(ValueError):
+    """A bad eviction setting. The message names the bad value and what is allowed."""
+
+
+def available_policies() -> list[str]:
+    from vllm_restkv.policies import available_policies as names
+
+    return names()
+
+
+@dataclasses.dataclass(frozen=True)
+class KVEvictionConfig:
+    policy: str = NO_EVICTION
+    # Tokens kept per request, per layer and per KV head, observation window included.
+    budget: int = 512
+    # Observation window: the newest tokens, always kept; their queries score the rest.
+    window: int = 32
+    # Where eviction runs: (a) when prefill ends, (b) at chunk boundaries of chunked prefill, (c) every
+    # `decode_interval` decode steps (0 = never during decode).
+    evict_after_prefill: bool = True
+    evict_during_prefill: bool = True
+    decode_interval: int = 64
+    # Policy hyperparameters (ReST-KV paper defaults; baselines ignore what they do not use).
+    alpha: float = 0.3
+    beta: float = 2000.0
+    kernel_size: int = 5
+    gqa_agg: str = "mean"
+    # Whether requests may override policy settings through `vllm_xargs` (budget, or turning eviction off).
+    allow_request_override: bool = True
+
+    @property
+    def enabled(self) -> bool:
+        return self.policy != NO_EVICTION
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    @classmethod
+    def from_value(cls, value: Any) -> KVEvictionConfig:
+        """Parse `additional_config["kv_eviction"]`: a policy name, a dict, a JSON string of either, or None."""
+        if value is None:
+            return cls()
+        if isinstance(value, KVEvictionConfig):
+            return value
+        if isinstance(value, str):
+            text = value.strip()
+            if text.startswith("{"):
+                try:
+                    value = json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise KVEvictionConfigError(f"kv_eviction: invalid JSON {text!r}: {e}") from None
+            else:
+                value = {"policy": text}
+        if not isinstance(value, Mapping):
+            raise KVEvictionConfigError(
+                f"kv_eviction must be a policy name or a mapping of settings, got {type(value).__name__}: {value!r}"
+            )
+        unknown = sorted(set(value) - set(cls.field_names()))
+        if unknown:
+            raise KVEvictionConfigError(
+                f"kv_eviction: unknown setting(s) {unknown}; allowed settings: {cls.field_names()}"
+            )
+        defaults = cls()
+        kwargs = {}
+        for f in dataclasses.fields(cls):
+            if f.name in value and value[f.name] is not None:
+                kwargs[f.name] = _coerce(f.name, value[f.name], type(getattr(defaults, f.name)))
+        config = cls(**kwargs)
+        config.validate()
+        return config
+
+    @classmethod
+    def from_vllm_config(cls, vllm_config: Any) -> KVEvictionConfig:
+        additional = getattr(vllm_config, "additional_config", None) or {}
+        return cls.from_value(additional.get(CONFIG_KEY))
+
+    def validate(self) -> None:
+        policies = available_policies()
+        if self.policy not in policies:
+            raise KVEvictionConfigError(
+                f"kv_eviction: unknown policy {self.policy!r}; allowed policies: {', '.join(policies)}"
+            )
+        if self.window < 1:
+            raise KVEvictionConfigError(f"kv_eviction: window must be >= 1, got {self.window}")
+        if self.budget < self.window:
+            raise KVEvictionConfigError(
+                f"kv_eviction: budget {self.budget} is smaller than the observation window {self.window}; "
+                f"the window is always kept, so the budget must be at least {self.window} tokens "
+                f"(or lower the window with window=<n>)"
+            )
+        if self.decode_interval < 0:
+            raise KVEvictionConfigError(
+                f"kv_eviction: decode_interval must be >= 0 (0 = no eviction during decode), got {self.decode_interval}"
+            )
+        if not 0.0 < self.alpha <= 1.0:
+            raise KVEvictionConfigError(f"kv_eviction: alpha must be in (0, 1], got {self.alpha}")
+        if self.beta <= 0:
+            raise KVEvictionConfigError(f"kv_eviction: beta must be > 0, got {self.beta}")
+        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
+            raise KVEvictionConfigError(f"kv_eviction: kernel_size must be an odd integer >= 1, got {self.kernel_size}")
+        if self.gqa_agg not in GQA_AGGREGATIONS:
+            raise KVEvictionConfigError(
+                f"kv_eviction: unknown gqa_agg {self.gqa_agg!r}; allowed: {', '.join(GQA_AGGREGATIONS)}"
+            )
+
+
+GQA_AGGREGATIONS = ("mean", "max", "mean_raw")
+
+
+def _coerce(name: str, value: Any, kind: type) -> Any:
+    """Strict conversion: no silent truncation of 3.5 to 3, no 'yes' for True."""
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise KVEvictionConfigError(f"kv_eviction: {name} must be true or false, got {value!r}")
+    if kind is int:
+        if isinstance(value, bool):
+            raise KVEvictionConfigError(f"kv_eviction: {name} must be an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise KVEvictionConfigError(f"kv_eviction: {name} must be an integer, got {value!r}")
+    if kind is float:
+        if isinstance(value, bool):
+            raise KVEvictionConfigError(f"kv_eviction: {name} must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise KVEvictionConfigError(f"kv_eviction: {name} must be a number, got {value!r}") from None
+    if not isinstance(value, str):
+        raise KVEvictionConfigError(f"kv_eviction: {name} must be a string, got {value!r}")
+    return value.strip().lower() if name == "policy" else value

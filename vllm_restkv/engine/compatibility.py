@@ -1,0 +1,43 @@
+"""Start-up checks: vLLM features that eviction does not support are refused with a message saying what to
+change; defaults that would be unsafe with eviction are switched off (and logged)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from vllm_restkv.config import KVEvictionConfig, KVEvictionConfigError
+
+logger = logging.getLogger("vllm.restkv")
+
+
+def prepare_engine_args(args: Any, config: KVEvictionConfig) -> None:
+    policy = config.policy
+
+    def refuse(what: str, fix: str) -> None:
+        raise KVEvictionConfigError(f"--kv-eviction {policy}: {what} is not supported with KV eviction; {fix}.")
+
+    if getattr(args, "speculative_config", None):
+        refuse("speculative decoding (--speculative-config)", "remove --speculative-config or use --kv-eviction none")
+    if getattr(args, "enable_prefix_caching", None) is True:
+        refuse(
+            "prefix caching (--enable-prefix-caching)",
+            "compacted blocks must never be shared or hashed; drop --enable-prefix-caching "
+            "(eviction turns it off by default) or use --kv-eviction none",
+        )
+    if getattr(args, "enable_prefix_caching", None) is None:
+        logger.info("vllm-restkv: prefix caching is turned off because KV eviction (%s) is on", policy)
+    args.enable_prefix_caching = False
+    if getattr(args, "async_scheduling", None) is True:
+        refuse("--async-scheduling", "drop --async-scheduling (eviction frees blocks at step boundaries)")
+    args.async_scheduling = False
+    if int(getattr(args, "pipeline_parallel_size", 1) or 1) > 1:
+        refuse("pipeline parallelism (--pipeline-parallel-size > 1)", "use tensor parallelism instead")
+    kv_dtype = str(getattr(args, "kv_cache_dtype", "auto") or "auto")
+    if kv_dtype.startswith("fp8"):
+        refuse(f"--kv-cache-dtype {kv_dtype}", "use --kv-cache-dtype auto")
+    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER", "").strip() in ("1", "true", "True"):
+        refuse("Model Runner V2 (VLLM_USE_V2_MODEL_RUNNER=1)", "unset VLLM_USE_V2_MODEL_RUNNER")
+    # GPU installs default to Model Runner V2; the eviction hooks live in the V1 runner. Child processes inherit it.
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"

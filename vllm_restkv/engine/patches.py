@@ -1,0 +1,288 @@
+"""The one place where vllm-restkv patches vLLM. Every patch names the vLLM function it wraps.
+
+All of them were written against vLLM 0.32.0 (`vllm_restkv.version.SUPPORTED_VLLM_VERSION`); `register()` checks
+the version before `apply_all()` runs, and each patch checks that its target still exists, so a changed vLLM fails
+at start-up with the name of the missing function instead of misbehaving later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+from vllm_restkv import cli_args
+from vllm_restkv.config import KVEvictionConfig
+from vllm_restkv.engine import compatibility, worker_state
+from vllm_restkv.engine.scheduler_state import SchedulerEviction
+from vllm_restkv.engine.worker_state import REPORT_ATTR
+
+try:
+    from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT
+except ImportError:  # checked by the version guard; keeps this module importable for the error message
+    EMPTY_MODEL_RUNNER_OUTPUT = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Patch:
+    target: str  # "module:Class.attribute" in vLLM
+    make_wrapper: Callable[[Callable[..., Any]], Callable[..., Any]]
+    why: str
+    kind: str = "function"  # "function", "staticmethod" or "classmethod"
+
+
+def _wrap_add_cli_args(original):
+    @functools.wraps(original)
+    def add_cli_args(parser, *args, **kwargs):
+        parser = original(parser, *args, **kwargs)
+        cli_args.add_kv_eviction_args(parser)
+        return parser
+
+    return add_cli_args
+
+
+def _wrap_from_cli_args(original):
+    @functools.wraps(original)
+    def from_cli_args(cls, args):
+        engine_args = original(cls, args)
+        cli_args.merge_cli_args_into(engine_args, args)
+        return engine_args
+
+    return from_cli_args
+
+
+def _wrap_create_engine_config(original):
+    @functools.wraps(original)
+    def create_engine_config(self, *args, **kwargs):
+        config = cli_args.normalize_additional_config(self)
+        if config.enabled:
+            compatibility.prepare_engine_args(self, config)
+        return original(self, *args, **kwargs)
+
+    return create_engine_config
+
+
+# ---------- engine core (scheduler) ----------
+
+def _wrap_scheduler_init(original):
+    @functools.wraps(original)
+    def __init__(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        config = KVEvictionConfig.from_vllm_config(self.vllm_config)
+        self.restkv = SchedulerEviction(self, config) if config.enabled else None
+
+    return __init__
+
+
+def _wrap_update_from_output(original):
+    @functools.wraps(original)
+    def update_from_output(self, scheduler_output, model_runner_output):
+        report = getattr(model_runner_output, REPORT_ATTR, None)
+        if report is not None and getattr(self, "restkv", None) is not None:
+            self.restkv.apply_report(report)
+        return original(self, scheduler_output, model_runner_output)
+
+    return update_from_output
+
+
+def _wrap_free_request_blocks(original):
+    @functools.wraps(original)
+    def _free_request_blocks(self, request):
+        original(self, request)
+        if getattr(self, "restkv", None) is not None:
+            self.restkv.forget(request.request_id)
+
+    return _free_request_blocks
+
+
+def _wrap_get_num_blocks_to_allocate(original):
+    @functools.wraps(original)
+    def get_num_blocks_to_allocate(self, request_id, num_tokens, *args, **kwargs):
+        evicted = getattr(self, "restkv_evicted", None)
+        e = evicted.get(request_id, 0) if evicted else 0
+        if e:
+            num_tokens -= e
+            if "num_tokens_main_model" in kwargs:
+                kwargs["num_tokens_main_model"] -= e
+            elif len(args) >= 4:
+                args = (*args[:3], args[3] - e, *args[4:])
+        return original(self, request_id, num_tokens, *args, **kwargs)
+
+    return get_num_blocks_to_allocate
+
+
+def _wrap_allocate_new_blocks(original):
+    @functools.wraps(original)
+    def allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model, *args, **kwargs):
+        evicted = getattr(self, "restkv_evicted", None)
+        e = evicted.get(request_id, 0) if evicted else 0
+        return original(self, request_id, num_tokens - e, num_tokens_main_model - e, *args, **kwargs)
+
+    return allocate_new_blocks
+
+
+# ---------- workers (model runner) ----------
+
+def _wrap_update_states(original):
+    @functools.wraps(original)
+    def _update_states(self, scheduler_output):
+        if not hasattr(self, "restkv"):
+            worker_state.install(self)
+        if self.restkv is not None:
+            self.restkv.before_update_states(scheduler_output)
+        return original(self, scheduler_output)
+
+    return _update_states
+
+
+def _wrap_prepare_inputs(original):
+    @functools.wraps(original)
+    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens, *args, **kwargs):
+        state = getattr(self, "restkv", None)
+        if state is not None:
+            state.before_prepare_inputs(num_scheduled_tokens)
+        result = original(self, scheduler_output, num_scheduled_tokens, *args, **kwargs)
+        if state is not None:
+            state.after_prepare_inputs()
+        return result
+
+    return _prepare_inputs
+
+
+def _wrap_compute_slot_mapping(original):
+    @functools.wraps(original)
+    def compute_slot_mapping(self, num_reqs, query_start_loc, positions, *args, **kwargs):
+        state = worker_state.current()
+        if state is not None:
+            offsets = state.token_offsets(query_start_loc, num_reqs, positions.shape[0])
+            if offsets is not None:
+                positions = positions - offsets  # a new tensor: RoPE keeps reading the logical positions
+        return original(self, num_reqs, query_start_loc, positions, *args, **kwargs)
+
+    return compute_slot_mapping
+
+
+def _wrap_step_output(original):
+    @functools.wraps(original)
+    def step(self, *args, **kwargs):
+        output = original(self, *args, **kwargs)
+        state = getattr(self, "restkv", None)
+        if state is not None and state.plan and output is not None and output is not EMPTY_MODEL_RUNNER_OUTPUT:
+            state.after_step(output)
+        return output
+
+    return step
+
+
+PATCHES: list[Patch] = [
+    Patch(
+        "vllm.engine.arg_utils:EngineArgs.add_cli_args",
+        _wrap_add_cli_args,
+        "adds the --kv-eviction* flags to `vllm serve` (vLLM loads general plugins before it builds the parser)",
+        kind="staticmethod",
+    ),
+    Patch(
+        "vllm.engine.arg_utils:EngineArgs.from_cli_args",
+        _wrap_from_cli_args,
+        "copies the --kv-eviction* flags into additional_config['kv_eviction'] (vLLM copies only its own fields)",
+        kind="classmethod",
+    ),
+    Patch(
+        "vllm.engine.arg_utils:EngineArgs.create_engine_config",
+        _wrap_create_engine_config,
+        "validates additional_config['kv_eviction'] before any engine starts (`vllm serve` and `LLM(...)`), "
+        "refuses unsupported features and turns prefix caching off",
+    ),
+    Patch(
+        "vllm.v1.core.sched.scheduler:Scheduler.__init__",
+        _wrap_scheduler_init,
+        "creates the scheduler-side eviction state (E per request, stats)",
+    ),
+    Patch(
+        "vllm.v1.core.sched.scheduler:Scheduler.update_from_output",
+        _wrap_update_from_output,
+        "frees the tail blocks the worker compacted away, before vLLM processes the step's output",
+    ),
+    Patch(
+        "vllm.v1.core.sched.scheduler:Scheduler._free_request_blocks",
+        _wrap_free_request_blocks,
+        "forgets E when a request finishes, is aborted or preempted (preemption recomputes from scratch)",
+    ),
+    Patch(
+        "vllm.v1.core.single_type_kv_cache_manager:SingleTypeKVCacheManager.get_num_blocks_to_allocate",
+        _wrap_get_num_blocks_to_allocate,
+        "block counts use physical length (logical - E), else the freed tail would be re-allocated at once",
+    ),
+    Patch(
+        "vllm.v1.core.single_type_kv_cache_manager:SingleTypeKVCacheManager.allocate_new_blocks",
+        _wrap_allocate_new_blocks,
+        "same as get_num_blocks_to_allocate, for the allocation itself",
+    ),
+    Patch(
+        "vllm.v1.worker.gpu_model_runner:GPUModelRunner._update_states",
+        _wrap_update_states,
+        "creates the worker state; forgets finished/preempted/resumed requests before vLLM updates its batch",
+    ),
+    Patch(
+        "vllm.v1.worker.gpu_model_runner:GPUModelRunner._prepare_inputs",
+        _wrap_prepare_inputs,
+        "plans evictions and query capture; subtracts E from seq_lens after vLLM computed them",
+    ),
+    Patch(
+        "vllm.v1.worker.block_table:BlockTable.compute_slot_mapping",
+        _wrap_compute_slot_mapping,
+        "new tokens are written at physical slots (position - E); RoPE positions stay logical",
+    ),
+    Patch(
+        "vllm.v1.worker.gpu_model_runner:GPUModelRunner.sample_tokens",
+        _wrap_step_output,
+        "after the step's forward: score, compact, truncate the row and attach the report to ModelRunnerOutput",
+    ),
+    Patch(
+        "vllm.v1.worker.gpu_model_runner:GPUModelRunner.execute_model",
+        _wrap_step_output,
+        "same, for steps whose output comes straight from execute_model (pooling models)",
+    ),
+]
+
+_applied: set[str] = set()
+
+
+def _resolve(target: str) -> tuple[Any, str, Any]:
+    module_name, _, path = target.partition(":")
+    owner: Any = importlib.import_module(module_name)
+    *owners, attr = path.split(".")
+    for name in owners:
+        owner = getattr(owner, name)
+    if attr not in vars(owner):
+        raise RuntimeError(
+            f"vllm-restkv cannot patch {target}: it does not exist in this vLLM. "
+            f"This plugin supports only the vLLM version named in vllm_restkv/version.py."
+        )
+    return owner, attr, vars(owner)[attr]
+
+
+def apply_all() -> None:
+    """Apply every patch once per process (idempotent)."""
+    for patch in PATCHES:
+        if patch.target in _applied:
+            continue
+        owner, attr, raw = _resolve(patch.target)
+        if patch.kind == "staticmethod":
+            setattr(owner, attr, staticmethod(patch.make_wrapper(raw.__func__)))
+        elif patch.kind == "classmethod":
+            setattr(owner, attr, classmethod(patch.make_wrapper(raw.__func__)))
+        else:
+            setattr(owner, attr, patch.make_wrapper(raw))
+        _applied.add(patch.target)
+    if "attention-backends" not in _applied:
+        from vllm_restkv.engine import attention_registry
+
+        attention_registry.register_backends()
+        _applied.add("attention-backends")
+
+
+def applied() -> list[str]:
+    return sorted(_applied)

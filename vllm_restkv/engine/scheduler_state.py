@@ -1,0 +1,91 @@
+"""Scheduler side of eviction (engine-core process): free the tail blocks the worker compacted away, and make
+vLLM's block accounting use physical lengths.
+
+For every request the scheduler keeps E = logical - physical tokens (`evicted`). `num_computed_tokens` stays
+logical (positions, stop conditions, max_model_len); only the KV block arithmetic subtracts E, in the two methods
+of the full-attention manager that turn token counts into block counts. Without that, vLLM would re-allocate the
+freed tail at once.
+
+Ordering: the worker compacts and truncates its own block-table row in step t, before this process frees the
+tail in `update_from_output` of step t; the freed blocks can be handed to another request only in `schedule()`
+of step t+1. So a freed block is never read by the request that gave it up.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Any
+
+from vllm_restkv.config import KVEvictionConfig
+
+logger = logging.getLogger("vllm.restkv")
+
+
+@dataclasses.dataclass
+class EvictionStats:
+    """Cumulative counters for the metrics exporter (engine-core process)."""
+
+    evicted_tokens: int = 0
+    freed_blocks: int = 0
+    events: dict[str, int] = dataclasses.field(default_factory=dict)
+    scoring_seconds: float = 0.0
+    compaction_seconds: float = 0.0
+    requests_evicted: int = 0
+    kept_ratios: list[float] = dataclasses.field(default_factory=list)  # since the last drain
+
+
+class SchedulerEviction:
+    def __init__(self, scheduler: Any, config: KVEvictionConfig):
+        self.scheduler = scheduler
+        self.config = config
+        self.evicted: dict[str, int] = {}
+        self.stats = EvictionStats()
+        coordinator = scheduler.kv_cache_manager.coordinator
+        managers = coordinator.single_type_managers
+        from vllm.v1.core.single_type_kv_cache_manager import FullAttentionManager
+
+        if len(managers) != 1 or type(managers[0]) is not FullAttentionManager:
+            kinds = ", ".join(type(m).__name__ for m in managers)
+            raise RuntimeError(
+                f"vllm-restkv: KV eviction supports models whose layers all use full attention (one KV cache group); "
+                f"this model has: {kinds}. Start with --kv-eviction none."
+            )
+        self.manager = managers[0]
+        self.manager.restkv_evicted = self.evicted
+        self.block_pool = scheduler.kv_cache_manager.block_pool
+
+    def apply_report(self, report: dict) -> None:
+        for req_id, (evicted, keep_blocks) in report["requests"].items():
+            request = self.scheduler.requests.get(req_id)
+            blocks = self.manager.req_to_blocks.get(req_id)
+            if request is None or blocks is None:
+                continue  # finished or aborted meanwhile: all its blocks are freed anyway
+            if req_id not in self.evicted:
+                self.stats.requests_evicted += 1
+            self.evicted[req_id] = evicted
+            tail = blocks[keep_blocks:]
+            if tail:
+                del blocks[keep_blocks:]
+                self.block_pool.free_blocks(reversed(tail))
+            cached = self.manager.num_cached_block
+            if req_id in cached:
+                cached[req_id] = min(cached[req_id], keep_blocks)
+        s = report["stats"]
+        self.stats.evicted_tokens += s["evicted_tokens"]
+        self.stats.freed_blocks += s["freed_blocks"]
+        for phase, count in s["events"].items():
+            self.stats.events[phase] = self.stats.events.get(phase, 0) + count
+        self.stats.scoring_seconds += s["scoring_seconds"]
+        self.stats.compaction_seconds += s["compaction_seconds"]
+        self.stats.kept_ratios.extend(s["kept_ratio"])
+
+    def forget(self, req_id: str) -> None:
+        self.evicted.pop(req_id, None)
+
+    def physical_tokens(self) -> int:
+        return sum(
+            max(r.num_computed_tokens - self.evicted.get(rid, 0), 0)
+            for rid, r in self.scheduler.requests.items()
+            if rid in self.manager.req_to_blocks
+        )
