@@ -160,3 +160,41 @@ def _coerce(name: str, value: Any, kind: type) -> Any:
     if not isinstance(value, str):
         raise KVEvictionConfigError(f"kv_eviction: {name} must be a string, got {value!r}")
     return value.strip().lower() if name == "policy" else value
+
+
+REQUEST_KEYS = ("kv_eviction", "kv_eviction_budget")
+# Set in each process that builds an engine config (the API server, `LLM(...)`), so requests can be checked there.
+_server_config: KVEvictionConfig | None = None
+
+
+def set_server_config(config: KVEvictionConfig) -> None:
+    global _server_config
+    _server_config = config
+
+
+def validate_request_args(extra_args: Mapping[str, Any] | None, server: KVEvictionConfig | None = None) -> None:
+    """Per-request settings from `vllm_xargs` (`extra_args`): raise KVEvictionConfigError (answered with 400)."""
+    if not extra_args or not any(k in extra_args for k in REQUEST_KEYS):
+        return
+    server = server or _server_config or KVEvictionConfig()
+    policy = extra_args.get("kv_eviction", server.policy)
+    if not isinstance(policy, str) or policy.strip().lower() not in available_policies():
+        raise KVEvictionConfigError(
+            f"vllm_xargs.kv_eviction: unknown policy {policy!r}; allowed policies: {', '.join(available_policies())}"
+        )
+    policy = policy.strip().lower()
+    if not server.enabled and policy != NO_EVICTION:
+        raise KVEvictionConfigError(
+            "vllm_xargs.kv_eviction: KV eviction is off on this server (started without --kv-eviction), "
+            "so requests cannot turn it on"
+        )
+    if not server.allow_request_override and (policy != server.policy or "kv_eviction_budget" in extra_args):
+        raise KVEvictionConfigError("vllm_xargs: this server does not allow per-request eviction settings")
+    if "kv_eviction_budget" in extra_args:
+        budget = extra_args["kv_eviction_budget"]
+        if isinstance(budget, bool) or not isinstance(budget, int):
+            raise KVEvictionConfigError(f"vllm_xargs.kv_eviction_budget must be an integer, got {budget!r}")
+        if budget < server.window:
+            raise KVEvictionConfigError(
+                f"vllm_xargs.kv_eviction_budget {budget} is smaller than the observation window {server.window}"
+            )

@@ -3,10 +3,10 @@
 Eviction needs two things from a layer's cache tensor: read the K/V rows of one request (for scoring) and
 write the kept rows into the request's first blocks (compaction). The byte layout differs per backend:
 
-* CPU_ATTN (vLLM 0.32): `[num_blocks, num_kv_heads, block_size, 2 * head_size]`, but inside one (block, head) slab
-  the first `block_size * head_size` values are **K transposed** (`[head_size, block_size]`) and the next are V
-  row-major (`[block_size, head_size]`). The layout is checked once per process by writing known values through
-  vLLM's own cache-write op (`probe_cpu_layout`), so a different ISA layout fails loudly instead of corrupting keys.
+* CPU_ATTN (vLLM 0.32): `[num_blocks, num_kv_heads, block_size, 2 * head_size]`, but the element order inside one
+  (block, head) slab depends on the ISA: with `vec` the first `block_size * head_size` values are **K transposed**
+  and the next are V row-major; `amx` packs differently. `probe_cpu_layout` discovers the order once per process by
+  writing known values through vLLM's own cache-write op, so any ISA works and an unmappable one fails loudly.
 * FlashAttention / Triton (GPU): `[2, num_blocks, block_size, num_kv_heads, head_size]`.
 """
 
@@ -17,42 +17,6 @@ import torch
 
 class KVLayoutError(RuntimeError):
     pass
-
-
-class CpuKVLayout:
-    """CPU_ATTN: per (block, head) slab = K^T [d, bs] followed by V [bs, d]."""
-
-    name = "cpu"
-
-    @staticmethod
-    def views(kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(k_t [nb, H, d, bs], v [nb, H, bs, d]) views sharing storage with the cache."""
-        nb, h, bs, two_d = kv_cache.shape
-        d = two_d // 2
-        flat = kv_cache.view(nb, h, 2, bs * d)
-        return flat[:, :, 0].unflatten(-1, (d, bs)), flat[:, :, 1].unflatten(-1, (bs, d))
-
-    @classmethod
-    def read(cls, kv_cache: torch.Tensor, block_ids: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of the first n token slots of the request's blocks, each [H, n, d] (copies)."""
-        k_t, v = cls.views(kv_cache)
-        h, d = v.shape[1], v.shape[3]
-        k = k_t[block_ids].permute(1, 0, 3, 2).reshape(h, -1, d)[:, :n]
-        vv = v[block_ids].permute(1, 0, 2, 3).reshape(h, -1, d)[:, :n]
-        return k, vv
-
-    @classmethod
-    def write_prefix(cls, kv_cache: torch.Tensor, block_ids: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Write k/v [H, B, d] into token slots 0..B-1 of the request's blocks (every head its own rows)."""
-        k_t, vv = cls.views(kv_cache)
-        h, b, _ = k.shape
-        bs = vv.shape[2]
-        slots = torch.arange(b, device=block_ids.device)
-        dst_blk = block_ids[slots // bs][None, :]
-        dst_off = (slots % bs)[None, :]
-        heads = torch.arange(h, device=block_ids.device)[:, None]
-        k_t[dst_blk, heads, :, dst_off] = k.to(k_t.dtype)
-        vv[dst_blk, heads, dst_off, :] = v.to(vv.dtype)
 
 
 class FlashKVLayout:
@@ -84,22 +48,106 @@ def compact(layout, kv_cache: torch.Tensor, block_ids: torch.Tensor, k: torch.Te
     layout.write_prefix(kv_cache, block_ids, torch.gather(k, 1, index), torch.gather(v, 1, index))
 
 
-def probe_cpu_layout(dtype: torch.dtype, num_kv_heads: int, head_size: int, block_size: int, isa: str) -> None:
-    """Write distinct K/V values through vLLM's cache-write op into a scratch cache and read them back."""
+class MappedKVLayout:
+    """CPU_ATTN with any ISA: a per-(block, head) slab of `block_size * 2 * head_size` values whose element order is
+    discovered once by writing known values through vLLM's own cache-write op (`probe_cpu_layout`).
+
+    `k_index[t, i]` / `v_index[t, i]` give the slab offset holding K / V of token slot t, dim i. This covers the
+    `vec` layout (K transposed, V row-major) and packed layouts such as `amx` without hard-coding either.
+    """
+
+    name = "cpu-mapped"
+
+    def __init__(self, k_index: torch.Tensor, v_index: torch.Tensor, isa: str):
+        self.k_index = k_index.flatten()
+        self.v_index = v_index.flatten()
+        self.block_size, self.head_size = k_index.shape
+        self.isa = isa
+
+    def _slabs(self, kv_cache: torch.Tensor) -> torch.Tensor:
+        nb, h = kv_cache.shape[:2]
+        return kv_cache.view(nb, h, -1)
+
+    def read(self, kv_cache: torch.Tensor, block_ids: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        slabs = self._slabs(kv_cache)[block_ids]  # [nblk, H, S]
+        nblk, h = slabs.shape[:2]
+        bs, d = self.block_size, self.head_size
+        k = slabs[:, :, self.k_index].view(nblk, h, bs, d).permute(1, 0, 2, 3).reshape(h, nblk * bs, d)[:, :n]
+        v = slabs[:, :, self.v_index].view(nblk, h, bs, d).permute(1, 0, 2, 3).reshape(h, nblk * bs, d)[:, :n]
+        return k, v
+
+    def write_prefix(self, kv_cache: torch.Tensor, block_ids: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        slabs = self._slabs(kv_cache)
+        h, b, d = k.shape
+        bs = self.block_size
+        slots = torch.arange(b, device=block_ids.device)
+        blk = block_ids[slots // bs]  # [B]
+        off = (slots % bs)  # [B]
+        k_pos = self.k_index.view(bs, d)[off]  # [B, d]
+        v_pos = self.v_index.view(bs, d)[off]
+        heads = torch.arange(h, device=block_ids.device)[:, None, None]
+        slabs[blk[None, :, None], heads, k_pos[None]] = k.to(slabs.dtype)
+        slabs[blk[None, :, None], heads, v_pos[None]] = v.to(slabs.dtype)
+
+
+_layout_cache: dict[tuple, MappedKVLayout] = {}
+
+
+def probe_cpu_layout(dtype: torch.dtype, num_kv_heads: int, head_size: int, block_size: int,
+                     isa: str) -> MappedKVLayout:
+    """Discover where vLLM's CPU cache-write op puts each (token slot, dim) of K and V, and check the result.
+
+    Values are small integers (exact in bf16/fp16/fp32): one pass encodes the token slot, one the dim, with K
+    positive and V negative, so every slab offset is attributed to exactly one (K|V, slot, dim).
+    """
+    key_ = (dtype, num_kv_heads, head_size, block_size, isa)
+    if key_ in _layout_cache:
+        return _layout_cache[key_]
     from vllm import _custom_ops as ops
 
-    num_blocks, n = 2, block_size + 3
-    cache = torch.zeros(num_blocks, num_kv_heads, block_size, 2 * head_size, dtype=dtype)
-    # Small integers are exact in every supported dtype.
-    key = (torch.arange(n * num_kv_heads * head_size) % 251).to(dtype).view(n, num_kv_heads, head_size)
-    value = -key - 1
-    slots = torch.arange(n, dtype=torch.int64)
-    view = cache.view(num_blocks, num_kv_heads, block_size * 2, -1)
+    bs, d, h = block_size, head_size, num_kv_heads
+
+    def write(values_k: torch.Tensor, values_v: torch.Tensor) -> torch.Tensor:
+        cache = torch.zeros(1, h, bs, 2 * d, dtype=dtype)
+        view = cache.view(1, h, bs * 2, -1)
+        key_cache, value_cache = view.chunk(2, dim=2)
+        ops.cpu_attn_reshape_and_cache(values_k.to(dtype).contiguous(), values_v.to(dtype).contiguous(), key_cache, value_cache,
+                                       torch.arange(bs, dtype=torch.int64), isa)
+        return cache.view(h, -1).float()
+
+    slot_code = (torch.arange(bs, dtype=torch.float32) + 1)[:, None, None].expand(bs, h, d)
+    dim_code = (torch.arange(d, dtype=torch.float32) + 1)[None, None, :].expand(bs, h, d)
+    by_slot = write(slot_code, -slot_code)
+    by_dim = write(dim_code, -dim_code)
+    maps = []
+    for sign in (1, -1):
+        index = torch.full((bs, d), -1, dtype=torch.int64)
+        for head in range(h):
+            where = (by_slot[head] * sign > 0).nonzero().flatten()
+            slot = (by_slot[head, where] * sign).long() - 1
+            dim = (by_dim[head, where] * sign).long() - 1
+            if head == 0:
+                index[slot, dim] = where
+            elif not torch.equal(index[slot, dim], where):
+                index = None
+                break
+        if index is None or (index < 0).any() or index.unique().numel() != bs * d:
+            raise KVLayoutError(
+                f"vllm-restkv: cannot map the CPU KV cache layout for isa={isa!r}, dtype={dtype} "
+                f"(head_size {d}, block_size {bs}); eviction would corrupt keys. Use --kv-eviction none."
+            )
+        maps.append(index)
+    layout = MappedKVLayout(maps[0], maps[1], isa)
+    # Round trip through our own read/write with random data must reproduce the op's result.
+    n = bs + 3
+    cache = torch.zeros(2, h, bs, 2 * d, dtype=dtype)
+    key = torch.randn(n, h, d).to(dtype)
+    value = torch.randn(n, h, d).to(dtype)
+    view = cache.view(2, h, bs * 2, -1)
     key_cache, value_cache = view.chunk(2, dim=2)
-    ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, slots, isa)
-    k, v = CpuKVLayout.read(cache, torch.arange(num_blocks), n)
+    ops.cpu_attn_reshape_and_cache(key, value, key_cache, value_cache, torch.arange(n, dtype=torch.int64), isa)
+    k, v = layout.read(cache, torch.arange(2), n)
     if not (torch.equal(k, key.transpose(0, 1)) and torch.equal(v, value.transpose(0, 1))):
-        raise KVLayoutError(
-            f"vllm-restkv: the CPU KV cache layout for isa={isa!r}, dtype={dtype} is not the one this plugin "
-            f"knows (K transposed per block and head). Eviction would corrupt keys; use --kv-eviction none."
-        )
+        raise KVLayoutError(f"vllm-restkv: CPU KV layout round trip failed for isa={isa!r}, dtype={dtype}")
+    _layout_cache[key_] = layout
+    return layout

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any
 
 from vllm_restkv import cli_args
-from vllm_restkv.config import KVEvictionConfig
+from vllm_restkv.config import KVEvictionConfig, KVEvictionConfigError, set_server_config, validate_request_args
 from vllm_restkv.engine import compatibility, worker_state
 from vllm_restkv.engine.scheduler_state import SchedulerEviction
 from vllm_restkv.engine.worker_state import REPORT_ATTR
@@ -57,11 +57,26 @@ def _wrap_create_engine_config(original):
     @functools.wraps(original)
     def create_engine_config(self, *args, **kwargs):
         config = cli_args.normalize_additional_config(self)
+        set_server_config(config)
         if config.enabled:
             compatibility.prepare_engine_args(self, config)
         return original(self, *args, **kwargs)
 
     return create_engine_config
+
+
+def _wrap_verify_extra_args(original):
+    @functools.wraps(original)
+    def _verify_extra_args(self):
+        original(self)
+        try:
+            validate_request_args(self.extra_args)
+        except KVEvictionConfigError as e:
+            from vllm.exceptions import VLLMValidationError
+
+            raise VLLMValidationError(str(e), parameter="vllm_xargs") from None
+
+    return _verify_extra_args
 
 
 # ---------- engine core (scheduler) ----------
@@ -194,6 +209,11 @@ PATCHES: list[Patch] = [
         _wrap_create_engine_config,
         "validates additional_config['kv_eviction'] before any engine starts (`vllm serve` and `LLM(...)`), "
         "refuses unsupported features and turns prefix caching off",
+    ),
+    Patch(
+        "vllm.sampling_params:SamplingParams._verify_extra_args",
+        _wrap_verify_extra_args,
+        "validates per-request eviction settings (vllm_xargs) where the request is built, so bad values get a 400",
     ),
     Patch(
         "vllm.v1.core.sched.scheduler:Scheduler.__init__",

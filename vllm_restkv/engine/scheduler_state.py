@@ -54,6 +54,7 @@ class SchedulerEviction:
         self.manager = managers[0]
         self.manager.restkv_evicted = self.evicted
         self.block_pool = scheduler.kv_cache_manager.block_pool
+        logger.info("vllm-restkv: KV eviction on in the scheduler: %s", config.to_dict())
 
     def apply_report(self, report: dict) -> None:
         for req_id, (evicted, keep_blocks) in report["requests"].items():

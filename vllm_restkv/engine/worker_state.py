@@ -247,11 +247,13 @@ class WorkerEviction:
         self.layers = {i.name: i for i in infos}
         if not infos:
             raise RuntimeError("vllm-restkv: no attention layers with a KV cache found")
-        self.layout = kv_layout.CpuKVLayout if infos[0].kv_cache.device.type == "cpu" else kv_layout.FlashKVLayout
-        if self.layout is kv_layout.CpuKVLayout:
+        if infos[0].kv_cache.device.type == "cpu":
             layer0 = forward_context[infos[0].name]
             _, h_kv, bs, two_d = infos[0].kv_cache.shape
-            kv_layout.probe_cpu_layout(infos[0].kv_cache.dtype, h_kv, two_d // 2, bs, getattr(layer0, "isa", "vec"))
+            self.layout = kv_layout.probe_cpu_layout(infos[0].kv_cache.dtype, h_kv, two_d // 2, bs,
+                                                     getattr(layer0, "isa", "vec"))
+        else:
+            self.layout = kv_layout.FlashKVLayout
 
     def _grow_ring(self, slots: int) -> None:
         old = self.ring
@@ -363,5 +365,6 @@ def install(runner: Any) -> WorkerEviction | None:
         _current = None
         return None
     _current = WorkerEviction(runner, config)
+    logger.info("vllm-restkv: KV eviction on in the worker: policy=%s budget=%d", config.policy, config.budget)
     runner.restkv = _current
     return _current

@@ -1,0 +1,74 @@
+"""Runs the real vLLM engine in one process (VLLM_ENABLE_V1_MULTIPROCESSING=0) and prints a JSON result.
+
+Used by the engine tests as a subprocess: `python tests/engine_driver.py '<json spec>'`. In-process mode gives
+access to the scheduler's block pool, so tests can check the allocator's own free-block count per step.
+Spec keys: model, kv_eviction (dict or None), llm (extra LLM kwargs), prompts (list of token-id lists or strings),
+max_tokens, extra_args (list, per prompt, or None), logprobs (int), abort_after_steps (optional).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+
+
+def main(spec: dict) -> dict:
+    from vllm import LLM, SamplingParams
+
+    llm_kwargs = dict(model=spec["model"], enforce_eager=True, dtype=spec.get("dtype", "float32"), seed=0,
+                      max_model_len=spec.get("max_model_len", 4096))
+    llm_kwargs.update(spec.get("llm", {}))
+    if spec.get("kv_eviction") is not None:
+        llm_kwargs["additional_config"] = {"kv_eviction": spec["kv_eviction"]}
+    llm = LLM(**llm_kwargs)
+    core = llm.llm_engine.engine_core.engine_core
+    scheduler = core.scheduler
+    pool = scheduler.kv_cache_manager.block_pool
+    idle_free = pool.get_num_free_blocks()
+    trace = {"free_blocks": [], "running": [], "req_blocks": []}
+    original_step = core.step_fn
+
+    def traced_step(*args, **kwargs):
+        result = original_step(*args, **kwargs)
+        trace["free_blocks"].append(pool.get_num_free_blocks())
+        trace["running"].append(len(scheduler.running))
+        mgr = scheduler.kv_cache_manager.coordinator.single_type_managers[0]
+        trace["req_blocks"].append({rid: len(b) for rid, b in mgr.req_to_blocks.items()})
+        return result
+
+    core.step_fn = traced_step
+    prompts = [p if isinstance(p, str) else {"prompt_token_ids": p} for p in spec["prompts"]]
+    extra = spec.get("extra_args") or [None] * len(prompts)
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 16), logprobs=spec.get("logprobs", 1),
+                       ignore_eos=spec.get("ignore_eos", True), extra_args=e)
+        for e in extra
+    ]
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    restkv = getattr(scheduler, "restkv", None)
+    result = {
+        "tokens": [o.outputs[0].token_ids for o in outputs],
+        "texts": [o.outputs[0].text for o in outputs],
+        "logprobs": [[lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)] for o in outputs],
+        "idle_free_blocks": idle_free,
+        "final_free_blocks": pool.get_num_free_blocks(),
+        "num_gpu_blocks": scheduler.kv_cache_config.num_blocks,
+        "block_size": scheduler.block_size,
+        "trace": trace,
+        "evicted_left": dict(restkv.evicted) if restkv else None,
+        "stats": restkv.stats.__dict__ if restkv else None,
+        "max_running": max(trace["running"] or [0]),
+    }
+    return result
+
+
+if __name__ == "__main__":
+    spec = json.loads(sys.argv[1])
+    result = main(spec)
+    print("RESULT_JSON " + json.dumps(result))

@@ -1,0 +1,82 @@
+"""`vllm serve` end to end with the plugin: loaded in every process, flags validated, SmolLM2 served offline."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+import pytest
+
+from conftest import running_server, run_vllm
+
+pytestmark = pytest.mark.server
+
+
+@pytest.fixture(scope="module")
+def smollm2_server(smollm2_model, tmp_path_factory):
+    log = tmp_path_factory.mktemp("serve") / "server.log"
+    args = ["--max-model-len", "2048", "--dtype", "bfloat16", "--kv-eviction", "restkv",
+            "--kv-eviction-budget", "128"]
+    with running_server(smollm2_model, args, log) as server:
+        yield server
+
+
+def test_plugin_registered_in_every_process(smollm2_server):
+    log = smollm2_server.output()
+    lines = [l for l in log.splitlines() if "vllm-restkv 0.1.0 registered in process" in l]
+    # Engine core and worker log it (each its own pid). In the API server it runs before vLLM configures logging;
+    # there the proof is that the --kv-eviction flags parsed at all (they exist only through the plugin).
+    pids = {re.search(r"pid (\d+)", l).group(1) for l in lines}
+    assert len(pids) >= 2, lines
+    assert any("EngineCore" in l for l in lines), lines
+    assert any("Worker" in l for l in lines), lines
+
+
+def test_settings_reach_the_engine(smollm2_server):
+    log = smollm2_server.output()
+    assert "KV eviction on in the scheduler: {'policy': 'restkv', 'budget': 128" in log
+    assert "prefix caching is turned off because KV eviction (restkv) is on" in log
+
+
+def test_endpoints_answer(smollm2_server):
+    url = smollm2_server.url
+    assert httpx.get(url + "/health").status_code == 200
+    models = httpx.get(url + "/v1/models").json()
+    assert models["data"][0]["id"] == "m"
+    metrics = httpx.get(url + "/metrics").text
+    assert "vllm:num_requests_running" in metrics
+
+
+def test_smollm2_knows_the_capital_of_france(smollm2_server):
+    response = httpx.post(
+        smollm2_server.url + "/v1/chat/completions",
+        json={"model": "m", "messages": [{"role": "user", "content": "What is the capital of France?"}],
+              "max_tokens": 24, "temperature": 0},
+        timeout=120,
+    )
+    assert response.status_code == 200, response.text
+    assert "Paris" in response.json()["choices"][0]["message"]["content"]
+
+
+def test_help_lists_the_flags():
+    result = run_vllm(["serve", "--help=KVEvictionConfig"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    for flag in ("--kv-eviction", "--kv-eviction-budget", "--kv-eviction-window", "--kv-eviction-decode-interval",
+                 "--kv-eviction-config"):
+        assert flag in result.stdout
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--kv-eviction", "bogus"], "invalid choice: 'bogus'"),
+        (["--kv-eviction", "restkv", "--kv-eviction-budget", "-1"], "expected a positive integer, got '-1'"),
+        (["--kv-eviction", "restkv", "--kv-eviction-budget", "8"], "budget 8 is smaller than the observation window 32"),
+        (["--additional-config", '{"kv_eviction": {"policy": "nope"}}'], "unknown policy 'nope'; allowed policies:"),
+        (["--kv-eviction", "restkv", "--enable-prefix-caching"], "prefix caching (--enable-prefix-caching) is not supported"),
+    ],
+)
+def test_bad_start_up_configuration_stops_with_a_message(tiny_model, flags, message):
+    result = run_vllm(["serve", str(tiny_model), "--max-model-len", "512", *flags])
+    assert result.returncode != 0
+    assert message in result.stdout + result.stderr, (result.stdout + result.stderr)[-3000:]
