@@ -20,7 +20,7 @@ def test_policy_forms(value):
 
 
 def test_all_documented_policies_are_available():
-    assert {"none", "restkv", "snapkv", "h2o", "tova", "streamingllm", "pyramidkv", "random"} <= set(available_policies())
+    assert {"none", "restkv", "snapkv", "h2o", "tova", "streamingllm", "random"} <= set(available_policies())
 
 
 def test_full_settings_roundtrip():

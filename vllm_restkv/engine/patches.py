@@ -79,6 +79,38 @@ def _wrap_verify_extra_args(original):
     return _verify_extra_args
 
 
+def _wrap_linear_process_weights(original):
+    @functools.wraps(original)
+    def process_weights_after_loading(self, layer):
+        stash_wo_factor(layer)
+        return original(self, layer)
+
+    return process_weights_after_loading
+
+
+def stash_wo_factor(layer) -> None:
+    """ReST-KV needs the per-head factors of o_proj; on CPU vLLM repacks the weight and drops the tensor, so compute
+    them (fp32, [H_local, d, d], ~d*d per head) while the plain weight still exists."""
+    if not str(getattr(layer, "prefix", "")).endswith(".o_proj"):
+        return
+    weight = getattr(layer, "weight", None)
+    if weight is None or weight.dim() != 2:
+        return
+    from vllm.config import get_current_vllm_config
+
+    try:
+        vllm_config = get_current_vllm_config()
+    except Exception:
+        return
+    config = KVEvictionConfig.from_vllm_config(vllm_config)
+    if not config.enabled:
+        return
+    from vllm_restkv.scoring import wo_factors
+
+    head_size = vllm_config.model_config.get_head_size()
+    layer.restkv_wo_factor = wo_factors(weight.detach().float(), weight.shape[1] // head_size)
+
+
 # ---------- engine core (scheduler) ----------
 
 def _wrap_scheduler_init(original):
@@ -214,6 +246,11 @@ PATCHES: list[Patch] = [
         "vllm.sampling_params:SamplingParams._verify_extra_args",
         _wrap_verify_extra_args,
         "validates per-request eviction settings (vllm_xargs) where the request is built, so bad values get a 400",
+    ),
+    Patch(
+        "vllm.model_executor.layers.linear:UnquantizedLinearMethod.process_weights_after_loading",
+        _wrap_linear_process_weights,
+        "keeps ReST-KV's per-head o_proj factors before the CPU backend repacks the weight and drops it",
     ),
     Patch(
         "vllm.v1.core.sched.scheduler:Scheduler.__init__",

@@ -235,13 +235,16 @@ class WorkerEviction:
                     f"vllm-restkv: layer {name} uses sliding-window attention, which eviction does not support "
                     f"yet; use --kv-eviction none for this model."
                 )
-            o_proj = None
+            weight = factor = None
             try:
-                parent = model.get_submodule(name.rsplit(".", 1)[0])
-                o_proj = getattr(getattr(parent, "o_proj", None), "weight", None)
+                o_proj = getattr(model.get_submodule(name.rsplit(".", 1)[0]), "o_proj", None)
             except AttributeError:
-                pass
-            infos.append(LayerInfo(name, extract_layer_index(name), cache, o_proj))
+                o_proj = None
+            if o_proj is not None:
+                factor = getattr(o_proj, "restkv_wo_factor", None)
+                w = getattr(o_proj, "weight", None)
+                weight = w if w is not None and w.dim() == 2 and w.numel() > 0 else None
+            infos.append(LayerInfo(name, extract_layer_index(name), cache, weight, factor))
         infos.sort(key=lambda i: i.index)
         self.layer_list = infos
         self.layers = {i.name: i for i in infos}
@@ -325,7 +328,9 @@ class WorkerEviction:
             fresh = fresh.unsqueeze(0).expand(h_kv, -1)
             positions = fresh if state.kept_positions is None else torch.cat([state.kept_positions[li], fresh], 1)
             query = self.ring[li, ring_rows].transpose(0, 1) if self.ring is not None else None
-            if policy.needs_o_proj and info.wo_factor is None and info.o_proj_weight is not None:
+            if policy.needs_o_proj and info.wo_factor is None:
+                if info.o_proj_weight is None:
+                    raise RuntimeError(f"vllm-restkv: {state.policy_name} needs o_proj of {info.name}, not found")
                 from vllm_restkv.scoring import wo_factors
 
                 info.wo_factor = wo_factors(info.o_proj_weight.float(), query.shape[0])

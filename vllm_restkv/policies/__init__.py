@@ -1,21 +1,33 @@
-# TEMPORARY stub (to be replaced by the full policies package)
-from vllm_restkv.policies.base import LayerKV, EvictionPolicy
+"""Eviction policies, one small file each, all with the `EvictionPolicy` contract (see base.py)."""
 
-class _None(EvictionPolicy):
-    name = "none"
+from __future__ import annotations
 
-class _Streaming(EvictionPolicy):
-    name = "streamingllm"
-    def score(self, kv):
-        import torch
-        s = kv.positions.float().clone()
-        s[:, :4] = float("inf")
-        return s
+from vllm_restkv.policies.base import EvictionPolicy, LayerKV
+from vllm_restkv.policies.h2o import H2O
+from vllm_restkv.policies.none import NoEviction
+from vllm_restkv.policies.pyramidkv import PyramidKV, pyramid_budgets
+from vllm_restkv.policies.random_policy import RandomPolicy
+from vllm_restkv.policies.restkv import RestKV
+from vllm_restkv.policies.snapkv import SnapKV
+from vllm_restkv.policies.streamingllm import StreamingLLM
+from vllm_restkv.policies.tova import TOVA
 
-POLICIES = {"none": _None, "streamingllm": _Streaming, "restkv": _Streaming}
+POLICIES: dict[str, type[EvictionPolicy]] = {
+    cls.name: cls for cls in (NoEviction, RestKV, SnapKV, H2O, TOVA, StreamingLLM, PyramidKV, RandomPolicy)
+}
+# The engine keeps one block table for all layers, so it needs the same kept count in every layer.
+ENGINE_POLICIES = sorted(name for name, cls in POLICIES.items() if getattr(cls, "uniform_budget", True))
 
-def available_policies():
-    return sorted(POLICIES)
 
-def get_policy(name, **kw):
-    return POLICIES[name](**kw)
+def available_policies() -> list[str]:
+    """Policies the engine can run (the values of --kv-eviction)."""
+    return list(ENGINE_POLICIES)
+
+
+def get_policy(name: str, **hyperparams) -> EvictionPolicy:
+    if name not in POLICIES:
+        raise ValueError(f"unknown policy {name!r}; allowed: {', '.join(sorted(POLICIES))}")
+    return POLICIES[name](**hyperparams)
+
+
+__all__ = ["EvictionPolicy", "LayerKV", "POLICIES", "available_policies", "get_policy", "pyramid_budgets"]
