@@ -43,6 +43,14 @@ def main(spec: dict) -> dict:
         return result
 
     core.step_fn = traced_step
+    preemptions = [0]
+    original_preempt = scheduler._preempt_request
+
+    def counting_preempt(*args, **kwargs):
+        preemptions[0] += 1
+        return original_preempt(*args, **kwargs)
+
+    scheduler._preempt_request = counting_preempt
     prompts = [p if isinstance(p, str) else {"prompt_token_ids": p} for p in spec["prompts"]]
     extra = spec.get("extra_args") or [None] * len(prompts)
     params = [
@@ -64,6 +72,7 @@ def main(spec: dict) -> dict:
         "evicted_left": dict(restkv.evicted) if restkv else None,
         "stats": restkv.stats.__dict__ if restkv else None,
         "max_running": max(trace["running"] or [0]),
+        "preemptions": preemptions[0],
     }
     return result
 

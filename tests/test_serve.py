@@ -80,3 +80,21 @@ def test_bad_start_up_configuration_stops_with_a_message(tiny_model, flags, mess
     result = run_vllm(["serve", str(tiny_model), "--max-model-len", "512", *flags])
     assert result.returncode != 0
     assert message in result.stdout + result.stderr, (result.stdout + result.stderr)[-3000:]
+
+
+@pytest.mark.parametrize(
+    "xargs, message",
+    [
+        ({"kv_eviction_budget": 4}, "kv_eviction_budget 4 is smaller than the observation window 32"),
+        ({"kv_eviction_budget": "lots"}, "kv_eviction_budget must be an integer"),
+        ({"kv_eviction": "bogus"}, "unknown policy 'bogus'"),
+    ],
+)
+def test_bad_per_request_settings_get_400_and_harm_nobody(smollm2_server, xargs, message):
+    url = smollm2_server.url + "/v1/completions"
+    bad = httpx.post(url, json={"model": "m", "prompt": "Hello", "max_tokens": 2, "vllm_xargs": xargs}, timeout=60)
+    assert bad.status_code == 400, bad.text
+    assert message in bad.json()["error"]["message"]
+    good = httpx.post(url, json={"model": "m", "prompt": "The capital of France is", "max_tokens": 4,
+                                 "temperature": 0, "vllm_xargs": {"kv_eviction_budget": 64}}, timeout=60)
+    assert good.status_code == 200 and "Paris" in good.json()["choices"][0]["text"]

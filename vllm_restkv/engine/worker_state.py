@@ -367,7 +367,7 @@ def install(runner: Any) -> WorkerEviction | None:
     global _current
     config = KVEvictionConfig.from_vllm_config(runner.vllm_config)
     if not config.enabled:  # requests cannot switch eviction on when the server runs without it
-        _current = None
+        _current = runner.restkv = None
         return None
     _current = WorkerEviction(runner, config)
     logger.info("vllm-restkv: KV eviction on in the worker: policy=%s budget=%d", config.policy, config.budget)
