@@ -49,13 +49,23 @@ def test_endpoints_answer(smollm2_server):
 
 def test_smollm2_knows_the_capital_of_france(smollm2_server):
     response = httpx.post(
-        smollm2_server.url + "/v1/chat/completions",
-        json={"model": "m", "messages": [{"role": "user", "content": "What is the capital of France?"}],
-              "max_tokens": 24, "temperature": 0},
+        smollm2_server.url + "/v1/completions",
+        json={"model": "m", "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0},
         timeout=120,
     )
     assert response.status_code == 200, response.text
-    assert "Paris" in response.json()["choices"][0]["message"]["content"]
+    assert "Paris" in response.json()["choices"][0]["text"]
+
+
+def test_chat_completions_answer(smollm2_server):
+    response = httpx.post(
+        smollm2_server.url + "/v1/chat/completions",
+        json={"model": "m", "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 16,
+              "temperature": 0},
+        timeout=120,
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["choices"][0]["message"]["content"].strip()
 
 
 def test_help_lists_the_flags():
