@@ -64,6 +64,9 @@ class SchedulerEviction:
                 continue  # finished or aborted meanwhile: all its blocks are freed anyway
             if req_id not in self.evicted:
                 self.stats.requests_evicted += 1
+                if self.stats.requests_evicted == 1:
+                    logger.info("vllm-restkv: first eviction: request %s keeps %d of %d KV blocks (E=%d tokens)",
+                                req_id, keep_blocks, len(blocks), evicted)
             self.evicted[req_id] = evicted
             tail = blocks[keep_blocks:]
             if tail:

@@ -248,6 +248,7 @@ class WorkerEviction:
         infos.sort(key=lambda i: i.index)
         self.layer_list = infos
         self.layers = {i.name: i for i in infos}
+        self.ring_row = {i.name: row for row, i in enumerate(infos)}
         if not infos:
             raise RuntimeError("vllm-restkv: no attention layers with a KV cache found")
         if infos[0].kv_cache.device.type == "cpu":
@@ -270,8 +271,8 @@ class WorkerEviction:
             return
         if self.layers is None:
             self._init_layers()
-        info = self.layers.get(layer_name)
-        if info is None:
+        row = self.ring_row.get(layer_name)
+        if row is None:
             return
         if self.ring is None:
             h, d = query.shape[-2], query.shape[-1]
@@ -282,7 +283,7 @@ class WorkerEviction:
             self.capture_token_idx = self.capture_token_idx.to(query.device)
             self.capture_ring_idx = self.capture_ring_idx.to(query.device)
         q = query.view(query.shape[0], self.ring.shape[2], self.ring.shape[3])
-        self.ring[self.layer_list.index(info)].index_copy_(0, self.capture_ring_idx, q[self.capture_token_idx])
+        self.ring[row].index_copy_(0, self.capture_ring_idx, q[self.capture_token_idx])
 
     # ---------- after the forward ----------
     def after_step(self, output: Any) -> None:

@@ -1,0 +1,28 @@
+"""Tensor parallelism on CPU (2 ranks, one core each): every rank compacts its own KV heads to the same count, so
+no cross-rank agreement is needed; the report comes from rank 0."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from conftest import running_server, server_env
+
+pytestmark = pytest.mark.server
+
+
+def test_tensor_parallel_serving_with_eviction(tiny_model, tmp_path):
+    args = ["--max-model-len", "2048", "--tensor-parallel-size", "2", "--kv-eviction", "restkv",
+            "--kv-eviction-budget", "64", "--kv-eviction-window", "16"]
+    env = server_env(VLLM_CPU_OMP_THREADS_BIND="0|1")
+    with running_server(tiny_model, args, tmp_path / "tp.log", env=env) as server:
+        prompt = [100 + (i * 37) % 20000 for i in range(700)]
+        for _ in range(2):
+            r = httpx.post(server.url + "/v1/completions",
+                           json={"model": "m", "prompt": prompt, "max_tokens": 80, "temperature": 0,
+                                 "ignore_eos": True}, timeout=120)
+            assert r.status_code == 200, r.text
+            assert r.json()["usage"]["completion_tokens"] == 80
+        log = server.output()
+    assert "first eviction: request" in log
+    assert log.count("KV eviction on in the worker") == 2  # both ranks
