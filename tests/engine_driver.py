@@ -58,7 +58,11 @@ def main(spec: dict) -> dict:
                        ignore_eos=spec.get("ignore_eos", True), extra_args=e)
         for e in extra
     ]
+    import time
+
+    started = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False)
+    generate_seconds = time.perf_counter() - started
     restkv = getattr(scheduler, "restkv", None)
     result = {
         "tokens": [o.outputs[0].token_ids for o in outputs],
@@ -72,12 +76,14 @@ def main(spec: dict) -> dict:
         "evicted_left": dict(restkv.evicted) if restkv else None,
         "stats": restkv.stats.__dict__ if restkv else None,
         "max_running": max(trace["running"] or [0]),
+        "generate_seconds": generate_seconds,
         "preemptions": preemptions[0],
     }
     return result
 
 
 if __name__ == "__main__":
-    spec = json.loads(sys.argv[1])
+    arg = sys.argv[1]
+    spec = json.loads(open(arg[1:]).read() if arg.startswith("@") else arg)  # "@file" for large specs
     result = main(spec)
     print("RESULT_JSON " + json.dumps(result))

@@ -21,8 +21,15 @@ SINKS = 4
 
 
 def run_engine(spec: dict, timeout: float = 600) -> dict:
-    proc = subprocess.run([sys.executable, str(DRIVER), json.dumps(spec)], capture_output=True, text=True,
-                          timeout=timeout)
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(spec, f)
+    try:
+        proc = subprocess.run([sys.executable, str(DRIVER), "@" + f.name], capture_output=True, text=True,
+                              timeout=timeout)
+    finally:
+        Path(f.name).unlink()
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT_JSON ")]
     assert proc.returncode == 0 and lines, (proc.stdout[-3000:] + proc.stderr[-6000:])
     return json.loads(lines[-1][len("RESULT_JSON "):])

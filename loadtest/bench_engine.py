@@ -1,0 +1,84 @@
+"""Side-by-side engine benchmark at the same (capped) KV cache: no eviction vs ReST-KV vs the baselines.
+
+    .venv/bin/python loadtest/bench_engine.py [--model tiny|smollm2] [--requests 16] [--prompt-len 1500]
+        [--max-tokens 32] [--blocks 40] [--budget 256] [--policies none restkv snapkv h2o tova streamingllm]
+
+Runs the real vLLM engine once per policy (in-process, so the allocator's free-block count can be read every
+step) on the same random prompts, and prints requests/s, output tokens/s, the most requests running at once, the
+lowest free-block count while running, preemptions and blocks freed by eviction, plus ratios against `none`.
+A budget at or above the prompt length gives the no-eviction overhead point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DRIVER = REPO / "tests" / "engine_driver.py"
+
+
+def run(spec: dict) -> dict:
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(spec, f)
+    proc = subprocess.run([sys.executable, str(DRIVER), "@" + f.name], capture_output=True, text=True)
+    Path(f.name).unlink()
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT_JSON ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(proc.stderr[-3000:])
+    return json.loads(lines[-1][len("RESULT_JSON "):])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
+    parser.add_argument("--requests", type=int, default=16)
+    parser.add_argument("--prompt-len", type=int, default=1500)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--blocks", type=int, default=40, help="KV cache size in blocks of 128 tokens")
+    parser.add_argument("--budget", type=int, default=256)
+    parser.add_argument("--policies", nargs="+", default=["none", "restkv", "snapkv", "h2o", "tova", "streamingllm"])
+    parser.add_argument("--dtype", default="bfloat16")
+    args = parser.parse_args()
+    import torch
+
+    from vllm_restkv.models import prepare
+
+    model = prepare(args.model, log=lambda m: print(m, file=sys.stderr))
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(100, 40000, (args.prompt_len,), generator=g).tolist() for _ in range(args.requests)]
+    rows = []
+    for i, policy in enumerate(args.policies):
+        print(f"[{i + 1}/{len(args.policies)}] {policy} ...", file=sys.stderr, flush=True)
+        spec = {"model": str(model), "prompts": prompts, "max_tokens": args.max_tokens, "dtype": args.dtype,
+                "max_model_len": args.prompt_len + args.max_tokens + 64,
+                "llm": {"num_gpu_blocks_override": args.blocks, "max_num_seqs": args.requests}}
+        if policy != "none":
+            spec["kv_eviction"] = {"policy": policy, "budget": args.budget}
+        r = run(spec)
+        running_free = [f for f, n in zip(r["trace"]["free_blocks"], r["trace"]["running"]) if n]
+        rows.append({
+            "policy": policy, "seconds": r["generate_seconds"],
+            "req_s": args.requests / r["generate_seconds"],
+            "out_tok_s": args.requests * args.max_tokens / r["generate_seconds"],
+            "max_running": r["max_running"], "min_free_blocks": min(running_free or [0]),
+            "preemptions": r["preemptions"], "freed_blocks": (r["stats"] or {}).get("freed_blocks", 0),
+        })
+    base = next((row for row in rows if row["policy"] == "none"), rows[0])
+    print(f"| policy | wall (s) | requests/s | output tok/s | vs none | max running | min free blocks | "
+          f"preemptions | blocks freed |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['policy']} | {row['seconds']:.1f} | {row['req_s']:.2f} | {row['out_tok_s']:.1f} | "
+              f"{row['req_s'] / base['req_s']:.2f}x | {row['max_running']} | {row['min_free_blocks']} | "
+              f"{row['preemptions']} | {row['freed_blocks']} |")
+    print(f"\ncommand: {' '.join(sys.argv)}")
+
+
+if __name__ == "__main__":
+    main()
