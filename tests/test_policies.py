@@ -1,32 +1,39 @@
-"""Policies and scoring against brute-force float64 oracles, the deterministic test vector of the algorithm
-reference (shared/docs/restkv-algorithm.md, section 10), selection invariants and incremental use."""
+"""Scoring and policies against brute-force float64 references (plain loops, written here independently of the
+implementation): oracles O1-O6 of shared/docs/restkv-algorithm.md section 10.1, GQA aggregation, every baseline's
+rule, selection invariants, physical order, and incremental use (chunk boundaries, decode-time eviction)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
 from vllm_restkv import scoring
-from vllm_restkv.policies import LayerKV, available_policies, get_policy, pyramid_budgets
+from vllm_restkv.policies import POLICIES, LayerKV, available_policies, get_policy, pyramid_budgets
+from vllm_restkv.policies.base import top_k_latest
 
 F64 = torch.float64
 
 
-# ---------- brute-force references (plain loops, float64) ----------
+# ---------- brute-force references ----------
 
-def brute_window_attention(q, k):
+def brute_attention(q, k, qpos=None, kpos=None):
+    """[H, w, L] softmax(q.k / sqrt(d)), key j masked for query t when its position is later."""
     H, w, d = q.shape
     Hkv, L, _ = k.shape
     G = H // Hkv
+    qpos = list(range(L - w, L)) if qpos is None else [int(x) for x in qpos]
     out = torch.zeros(H, w, L, dtype=F64)
     for h in range(H):
+        g = h // G
+        kp = list(range(L)) if kpos is None else [int(x) for x in kpos[g]]
         for t in range(w):
-            pos = L - w + t
-            logits = [float(q[h, t] @ k[h // G, j]) / math.sqrt(d) if j <= pos else -math.inf for j in range(L)]
+            logits = [float(q[h, t].double() @ k[g, j].double()) / math.sqrt(d) if kp[j] <= qpos[t] else -math.inf
+                      for j in range(L)]
             m = max(logits)
-            e = [math.exp(x - m) if x != -math.inf else 0.0 for x in logits]
+            e = [math.exp(x - m) for x in logits]
             s = sum(e)
             out[h, t] = torch.tensor([x / s for x in e], dtype=F64)
     return out
@@ -36,9 +43,85 @@ def brute_leave_one_out(p, values, W_h, j):
     """||W_h (o - o^(-j))|| by actually removing key j and renormalising."""
     o = sum(p[i] * values[i] for i in range(len(p)))
     rest = [i for i in range(len(p)) if i != j]
-    z = sum(p[i] for i in rest)
-    o_minus = sum(p[i] * values[i] for i in rest) / z
+    o_minus = sum(p[i] * values[i] for i in rest) / sum(p[i] for i in rest)
     return float(torch.linalg.norm(W_h @ (o - o_minus)))
+
+
+def brute_ema_weights(w, alpha):
+    """Run the recurrence on unit vectors: weight t = the EMA of e_t."""
+    weights = []
+    for t in range(w):
+        e = 1.0 if t == 0 else 0.0
+        for u in range(1, w):
+            e = alpha * (1.0 if u == t else 0.0) + (1 - alpha) * e
+        weights.append(e)
+    return weights
+
+
+def brute_restkv_after(q, k, v, W, prefix, alpha, qpos=None, kpos=None):
+    """[H, P] via oracle O2: leave-one-out of the virtual query (EMA attention on the prefix, rest on a zero value)."""
+    H, w, d = q.shape
+    G = H // k.shape[0]
+    attn = brute_attention(q, k, qpos, kpos)
+    weights = brute_ema_weights(w, alpha)
+    out = torch.zeros(H, prefix, dtype=F64)
+    for h in range(H):
+        a_bar = [sum(weights[t] * float(attn[h, t, j]) for t in range(w)) for j in range(prefix)]
+        p = a_bar + [1 - sum(a_bar)]
+        values = [v[h // G, j].double() for j in range(prefix)] + [torch.zeros(d, dtype=F64)]
+        W_h = W[:, h * d:(h + 1) * d].double()
+        for j in range(prefix):
+            out[h, j] = brute_leave_one_out(p, values, W_h, j)
+    return out
+
+
+def brute_drift(attn, n):
+    H, w, L = attn.shape
+    s = []
+    for h in range(H):
+        diffs = []
+        for i in range(w // 2):
+            early = sorted(range(L), key=lambda j: float(attn[h, i, j]))[-n:]
+            late = sorted(range(L), key=lambda j: float(attn[h, i + w // 2, j]))[-n:]
+            diffs += [a - b for a, b in zip(early, late)]
+        s.append(sum(diffs) / len(diffs))
+    return s
+
+
+def brute_aws(scores, s, beta, k_min):
+    """Box filter of width k centred on j + m with index clamping (replicate padding)."""
+    H, P = scores.shape
+    out = torch.zeros(H, P, dtype=F64)
+    for h in range(H):
+        k = max(k_min, 2 * math.floor(abs(s[h]) / beta) + 1)
+        m = math.trunc(s[h] / beta) if s[h] != 0 else 1
+        for j in range(P):
+            idx = [min(max(j + m + u, 0), P - 1) for u in range(-(k // 2), k // 2 + 1)]
+            out[h, j] = sum(float(scores[h, i]) for i in idx) / k
+    return out
+
+
+def brute_gqa(scores, Hkv, mode):
+    H, N = scores.shape
+    G = H // Hkv
+    out = torch.zeros(Hkv, N, dtype=F64)
+    for g in range(Hkv):
+        for j in range(N):
+            vals = []
+            for h in range(g * G, (g + 1) * G):
+                total = sum(float(x) for x in scores[h])
+                vals.append(float(scores[h, j]) if mode == "mean_raw" else float(scores[h, j]) / total)
+            out[g, j] = max(vals) if mode == "max" else sum(vals) / G
+    return out
+
+
+def brute_avgpool_zero(row, k):
+    P = len(row)
+    return [sum(float(row[j + u]) for u in range(-(k // 2), k // 2 + 1) if 0 <= j + u < P) / k for j in range(P)]
+
+
+def top_set(scores_row, n):
+    return set(sorted(range(len(scores_row)), key=lambda j: float(scores_row[j]))[-n:])
 
 
 def random_case(seed, H=4, Hkv=2, d=8, D=16, L=40, w=8, dtype=F64):
@@ -50,264 +133,457 @@ def random_case(seed, H=4, Hkv=2, d=8, D=16, L=40, w=8, dtype=F64):
     return [x.to(dtype) for x in (q, k, v, W)]
 
 
+def random_kv(seed, L=64, w=8, H=4, Hkv=2, dtype=torch.float32, state=True):
+    q, k, v, W = random_case(seed, H=H, Hkv=Hkv, L=L, w=w, dtype=dtype)
+    return LayerKV(query=q, key=k, value=v, positions=torch.arange(L).expand(Hkv, L), o_proj_weight=W,
+                   layer_idx=1, num_layers=4, state={} if state else None)
+
+
+def rel_err(got, expect):
+    return float(((got.double() - expect).abs() / expect.abs().clamp_min(1e-12)).max())
+
+
 # ---------- oracles O1..O5 ----------
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_o1_before_mode_is_exact_leave_one_out(seed):
+def test_o1_before_mode_is_the_exact_per_query_leave_one_out(seed):
     q, k, v, W = random_case(seed, L=14, w=4)
     H, w, d = q.shape
     G = H // k.shape[0]
-    attn = brute_window_attention(q, k)
+    P = k.shape[1] - w
+    attn = brute_attention(q, k)
+    weights = brute_ema_weights(w, 0.3)
     got = scoring.restkv_scores_before(q, k, v, W, window=w, alpha=0.3)
-    weights = scoring.ema_weights(w, 0.3)
-    P = k.shape[1] - w
-    for h in range(H):
-        W_h = W[:, h * d:(h + 1) * d]
-        for j in range(P):
-            per_query = [brute_leave_one_out(attn[h, t], v[h // G], W_h, j) for t in range(w)]
-            expect = sum(float(weights[t]) * per_query[t] for t in range(w))
-            assert abs(float(got[h, j]) - expect) <= 1e-10 * max(1.0, abs(expect))
-
-
-@pytest.mark.parametrize("seed", [3, 4])
-def test_o2_after_mode_is_leave_one_out_of_the_virtual_query(seed):
-    q, k, v, W = random_case(seed, L=16, w=4)
-    H, w, d = q.shape
-    G = H // k.shape[0]
-    P = k.shape[1] - w
-    attn = brute_window_attention(q, k)
-    weights = scoring.ema_weights(w, 0.3)
-    got = scoring.restkv_scores(q, k, v, W, window=w, alpha=0.3)
     assert got.shape == (H, P) and got.dtype == F64
     for h in range(H):
-        a_bar = [sum(float(weights[t]) * float(attn[h, t, j]) for t in range(w)) for j in range(P)]
-        p = a_bar + [1 - sum(a_bar)]
-        values = [v[h // G, j] for j in range(P)] + [torch.zeros(d, dtype=F64)]
         W_h = W[:, h * d:(h + 1) * d]
         for j in range(P):
-            expect = brute_leave_one_out(p, values, W_h, j)
+            expect = sum(weights[t] * brute_leave_one_out(attn[h, t], v[h // G], W_h, j) for t in range(w))
             assert abs(float(got[h, j]) - expect) <= 1e-10 * max(1.0, expect)
 
 
-def test_o2_float32_within_1e4_relative():
-    q, k, v, W = random_case(5)
-    ref = scoring.restkv_scores(q, k, v, W, window=8)
-    got = scoring.restkv_scores(q.float(), k.float(), v.float(), W.float(), window=8)
-    assert got.dtype == torch.float32
-    assert ((got.double() - ref).abs() / ref.abs().clamp_min(1e-6)).max() < 1e-4
+def test_o1_float32_and_chunking(monkeypatch):
+    q, k, v, W = random_case(3, L=30, w=6)
+    ref = scoring.restkv_scores_before(q, k, v, W, window=6)
+    monkeypatch.setattr(scoring, "BEFORE_CHUNK", 5)  # 24 prefix keys in 5 chunks
+    assert torch.allclose(scoring.restkv_scores_before(q, k, v, W, window=6), ref, rtol=1e-13, atol=0)
+    got = scoring.restkv_scores_before(*(x.float() for x in (q, k, v, W)), window=6)
+    assert got.dtype == torch.float32 and rel_err(got, ref) < 1e-4
 
 
-def test_o3_ema_closed_form():
-    for w, alpha in [(4, 0.3), (32, 0.3), (7, 0.9)]:
-        x = torch.randn(w, 3, dtype=F64)
-        e = x[0].clone()
-        for t in range(1, w):
-            e = alpha * x[t] + (1 - alpha) * e
-        assert torch.allclose(scoring.ema(x, alpha, 0), e, atol=1e-12)
-        assert abs(float(scoring.ema_weights(w, alpha).sum()) - 1) < 1e-12
+@pytest.mark.parametrize("seed", [4, 5, 6])
+def test_o2_after_mode_is_the_leave_one_out_of_the_virtual_query(seed):
+    q, k, v, W = random_case(seed, L=16, w=4)
+    got = scoring.restkv_scores(q, k, v, W, window=4, alpha=0.3)
+    expect = brute_restkv_after(q, k, v, W, 12, 0.3)
+    assert got.shape == (4, 12) and got.dtype == F64
+    assert float((got - expect).abs().max()) <= 1e-10 * max(1.0, float(expect.abs().max()))
 
 
-def test_o4_aws_with_zero_shift_is_a_clamped_moving_average():
-    scores = torch.rand(3, 20, dtype=F64)
-    attn = torch.zeros(3, 8, 28, dtype=F64)
-    attn[..., 0] = 1.0  # no drift: s = 0 -> but the official quirk gives m = +1; use a large beta and check k only
-    s = scoring.drift_score(attn, 5)
-    k, m = scoring.aws_kernel_and_shift(s, 2000.0, 5)
-    assert k == [5, 5, 5]
-    got = scoring.adaptive_window_pool(scores, attn, 5, 2000.0, 5)
-    for h in range(3):
-        for j in range(20):
-            idx = [min(max(j + m[h] + u, 0), 19) for u in range(-2, 3)]
-            assert abs(float(got[h, j]) - float(scores[h, idx].mean())) < 1e-12
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_o2_low_precision_inputs_compute_in_float32(dtype):
+    q, k, v, W = random_case(7, L=48, w=8)
+    q, k, v, W = (x.to(dtype) for x in (q, k, v, W))
+    expect = brute_restkv_after(q.double(), k.double(), v.double(), W.double(), 40, 0.3)  # same rounded inputs
+    got = scoring.restkv_scores(q, k, v, W, window=8)
+    assert got.dtype == torch.float32 and rel_err(got, expect) < 1e-4
 
 
-def test_o5_qr_norm_equals_explicit_projection():
-    _, _, _, W = random_case(6)
+def test_restkv_scores_rejects_a_window_mismatch():
+    q, k, v, W = random_case(8, L=16, w=4)
+    with pytest.raises(ValueError):
+        scoring.restkv_scores(q, k, v, W, window=8)
+
+
+@pytest.mark.parametrize("w,alpha", [(1, 0.3), (4, 0.3), (32, 0.3), (7, 0.9)])
+def test_o3_ema_closed_form(w, alpha):
+    weights = scoring.ema_weights(w, alpha)
+    assert torch.allclose(weights, torch.tensor(brute_ema_weights(w, alpha), dtype=F64), atol=1e-15)
+    assert abs(float(weights.sum()) - 1) < 1e-12
+    x = torch.randn(w, 3, 5, dtype=F64)
+    e = x[0].clone()
+    for t in range(1, w):
+        e = alpha * x[t] + (1 - alpha) * e
+    assert torch.allclose(scoring.ema(x, alpha, 0), e, atol=1e-12)
+    assert torch.allclose(scoring.ema(x.transpose(0, 1), alpha, 1), e, atol=1e-12)
+
+
+def test_o4_aws_with_no_shift_is_a_clamped_centred_moving_average():
+    g = torch.Generator().manual_seed(9)
+    attn = torch.softmax(torch.randn(3, 8, 30, generator=g, dtype=F64), -1)
+    scores = torch.rand(3, 22, generator=g, dtype=F64)
+    s = scoring.drift_score(attn, 6)
+    assert torch.allclose(s, torch.tensor(brute_drift(attn, 6), dtype=F64))
+    assert (s != 0).all()
+    ks, ms = scoring.aws_kernel_and_shift(s, 1e6, 5)  # |s| << beta: k = k_min, m = 0
+    assert ks == [5, 5, 5] and ms == [0, 0, 0]
+    got = scoring.adaptive_window_pool(scores, attn, 6, 1e6, 5)
+    expect = torch.stack([torch.tensor([float(scores[h, [min(max(j + u, 0), 21) for u in range(-2, 3)]].mean())
+                                        for j in range(22)], dtype=F64) for h in range(3)])
+    assert torch.allclose(got, expect, atol=1e-14)
+
+
+@pytest.mark.parametrize("beta", [0.5, 1.5, 4.0])
+def test_aws_with_kernel_growth_and_shift(beta):
+    g = torch.Generator().manual_seed(10)
+    attn = torch.softmax(3 * torch.randn(4, 8, 30, generator=g, dtype=F64), -1)
+    scores = torch.rand(4, 22, generator=g, dtype=F64)
+    s = brute_drift(attn, 6)
+    assert torch.allclose(scoring.adaptive_window_pool(scores, attn, 6, beta, 3), brute_aws(scores, s, beta, 3),
+                          atol=1e-14)
+
+
+def test_aws_shift_quirk_at_zero_drift():
+    assert scoring.aws_kernel_and_shift(torch.tensor([0.0, -4.0, 4.0, -3.9]), 2.0, 3) == ([3, 5, 5, 3], [1, -1, 2, -1])
+
+
+def test_o5_qr_norm_equals_the_explicit_projection():
+    _, _, _, W = random_case(11)
     R = scoring.wo_factors(W, 4)
+    assert R.shape == (4, 8, 8) and torch.equal(R, R.triu())
     x = torch.randn(4, 10, 8, dtype=F64)
     explicit = torch.stack([(W[:, h * 8:(h + 1) * 8] @ x[h].T).norm(dim=0) for h in range(4)])
-    assert torch.allclose(scoring._projected_norm(x, R), explicit, atol=1e-12)
+    assert torch.allclose(scoring.projected_norm(x, R), explicit, atol=1e-12)
+    R32 = scoring.wo_factors(W.float(), 4)
+    assert rel_err(scoring.projected_norm(x.float(), R32), explicit) < 1e-4
 
 
-# ---------- the deterministic vector of section 10.2 ----------
-
-@pytest.fixture(scope="module")
-def vector():
-    H, d, D, L = 2, 4, 8, 12
-    Q = torch.tensor([[[math.sin(0.7 * (t + 1) + 1.3 * (i + 1) + 2.1 * h) for i in range(d)] for t in range(L)]
-                      for h in range(H)], dtype=F64)
-    K = torch.tensor([[[math.cos(0.9 * (t + 1) - 0.4 * (i + 1)) for i in range(d)] for t in range(L)]], dtype=F64)
-    V = torch.tensor([[[math.sin(0.37 * (t + 1) * (i + 2)) for i in range(d)] for t in range(L)]], dtype=F64)
-    W = torch.tensor([[math.cos(0.11 * (c + 1) * (j + 1)) for j in range(H * d)] for c in range(D)], dtype=F64)
-    return Q[:, 8:], K, V, W
-
-
-def close(got, expect, tol=1e-6):
-    assert torch.allclose(torch.as_tensor(got, dtype=F64), torch.tensor(expect, dtype=F64), atol=tol), got
+def test_window_attention_against_brute_force():
+    q, k, _, _ = random_case(12, L=20, w=5)
+    assert torch.allclose(scoring.window_attention(q, k), brute_attention(q, k), atol=1e-14)
+    full = scoring.window_attention(q, k, causal_window=False)
+    assert (full > 0).all() and torch.allclose(full.sum(-1), torch.ones(4, 5, dtype=F64))
+    kpos = torch.tensor([[0, 2, 3, 7, 9, 11, 12, 13, 15, 16, 17, 20, 21, 22, 23, 24, 25, 26, 27, 28]] * 2)
+    kpos[1, :4] = torch.tensor([1, 4, 5, 6])  # heads keep different tokens
+    qpos = torch.arange(24, 29)
+    got = scoring.window_attention(q, k, query_positions=qpos, key_positions=kpos)
+    assert torch.allclose(got, brute_attention(q, k, qpos, kpos), atol=1e-14)
 
 
-def test_vector_every_step(vector):
-    q, K, V, W = vector
-    close(scoring.ema_weights(4, 0.3), [0.343, 0.147, 0.21, 0.3])
-    attn = scoring.window_attention(q, K)
-    close(attn[0, -1], [0.048304, 0.074484, 0.1132, 0.123529, 0.0906, 0.05647, 0.042777, 0.048594, 0.075168,
-                        0.11381, 0.123225, 0.089839])
-    a_bar = scoring.ema(attn[:, :, :8], 0.3, 1)
-    close(a_bar[0], [0.074439, 0.066571, 0.083291, 0.109013, 0.130051, 0.133876, 0.106318, 0.074027])
-    close(a_bar[1], [0.087923, 0.120317, 0.135172, 0.116637, 0.081304, 0.060039, 0.063433, 0.088527])
-    o_bar = torch.einsum("hp,pd->hd", a_bar, V[0, :8])
-    close(o_bar, [[-0.116525, 0.105642, 0.018742, 0.066127], [0.118867, 0.113706, -0.067995, 0.083079]])
-    S = scoring.restkv_scores(q, K, V, W, window=4, alpha=0.3)
-    close(S, [[0.425981, 0.28985, 0.3486, 0.17666, 0.317609, 0.237273, 0.12082, 0.068157],
-              [0.515834, 0.40376, 0.542742, 0.243215, 0.186409, 0.101893, 0.081426, 0.1054]])
-    before = scoring.restkv_scores_before(q, K, V, W, window=4, alpha=0.3)
-    close(before, [[0.423977, 0.27045, 0.328697, 0.215012, 0.344727, 0.26318, 0.135998, 0.076997],
-                   [0.514924, 0.379023, 0.522504, 0.256313, 0.203317, 0.103739, 0.095974, 0.130888]])
-    s = scoring.drift_score(attn, 4)
-    close(s, [-1.625, 0.375])
-    assert scoring.aws_kernel_and_shift(s, 2.0, 3) == ([3, 3], [0, 0])
-    close(scoring.adaptive_window_pool(S, attn, 4, 2.0, 3),
-          [[0.380604, 0.35481, 0.271703, 0.280956, 0.243847, 0.225234, 0.142083, 0.085712],
-           [0.478476, 0.487445, 0.396572, 0.324122, 0.177172, 0.123243, 0.096239, 0.097408]])
-    assert scoring.aws_kernel_and_shift(s, 0.5, 3) == ([7, 3], [-3, 0])
-    close(scoring.adaptive_window_pool(S, attn, 4, 0.5, 3)[0],
-          [0.425981, 0.406533, 0.395479, 0.359862, 0.34438, 0.317422, 0.273828, 0.22271])
+# ---------- GQA aggregation ----------
+
+@pytest.mark.parametrize("mode", ["mean", "max", "mean_raw"])
+def test_gqa_aggregation(mode):
+    s = torch.rand(6, 10, dtype=F64)
+    assert torch.allclose(scoring.gqa_aggregate(s, 2, mode), brute_gqa(s, 2, mode), atol=1e-15)
 
 
-def vector_kv(vector):
-    q, K, V, W = vector
-    return LayerKV(query=q, key=K, value=V, positions=torch.arange(12)[None], o_proj_weight=W)
+def test_gqa_unknown_mode():
+    with pytest.raises(ValueError):
+        scoring.gqa_aggregate(torch.rand(4, 3), 2, "median")
+    with pytest.raises(ValueError):
+        get_policy("restkv", gqa_agg="median")
 
 
-def test_vector_selection_restkv_and_snapkv(vector):
-    # Per query head (the reference code's GQA-free setting): each head keeps {0,1,2,3} + window.
-    q, K, V, W = vector
-    attn = scoring.window_attention(q, K)
-    smoothed = scoring.adaptive_window_pool(scoring.restkv_scores(q, K, V, W, window=4), attn, 4, 2.0, 3)
-    assert [sorted(r.topk(4).indices.tolist()) for r in smoothed] == [[0, 1, 2, 3], [0, 1, 2, 3]]
-    snap = scoring.avg_pool_zero_pad(attn[:, :, :8].sum(1), 5)
-    assert [sorted(r.topk(4).indices.tolist()) for r in snap] == [[2, 3, 4, 5], [1, 2, 3, 4]]
-    kept = get_policy("restkv", window=4, kernel_size=3, beta=2.0).select(vector_kv(vector), 8)
-    assert kept.tolist() == [[0, 1, 2, 3, 8, 9, 10, 11]]
+# ---------- O6: selection invariants, every policy ----------
 
-
-# ---------- selection invariants, every policy ----------
-
-def random_kv(seed, L=64, w=8, H=4, Hkv=2):
-    q, k, v, W = random_case(seed, H=H, Hkv=Hkv, L=L, w=w, dtype=torch.float32)
-    return LayerKV(query=q, key=k, value=v, positions=torch.arange(L).expand(Hkv, L), o_proj_weight=W,
-                   layer_idx=1, num_layers=4, state={})
-
-
-@pytest.mark.parametrize("name", [p for p in available_policies() if p != "none"])
+@pytest.mark.parametrize("name", sorted(POLICIES))
 @pytest.mark.parametrize("budget", [8, 20, 63, 64, 100])
-def test_selection_invariants(name, budget):
-    kv = random_kv(7)
+def test_o6_selection_invariants(name, budget):
+    kv = random_kv(13)
     kept = get_policy(name, window=8).select(kv, budget)
-    n = min(budget, 64)
-    assert kept.shape == (2, n)
+    n = 64 if name == "none" else min(budget, 64)
+    if name == "pyramidkv":
+        n = min(pyramid_budgets(budget, 8, 4, 64)[1], 64)
+    assert kept.shape == (2, n) and kept.dtype == torch.long
     for row in kept.tolist():
-        assert row == sorted(set(row)) and len(row) == n  # unique, sorted
+        assert row == sorted(set(row))  # unique, ascending
         assert set(range(56, 64)) <= set(row)  # the window is always kept
     if budget >= 64:
         assert kept.tolist() == [list(range(64))] * 2  # nothing evicted
 
 
-def test_budget_below_window_is_an_error():
+@pytest.mark.parametrize("name", [p for p in sorted(POLICIES) if p != "none"])
+def test_budget_below_the_window_is_an_error(name):
     with pytest.raises(ValueError):
-        get_policy("snapkv", window=8).select(random_kv(0), 4)
+        get_policy(name, window=8).select(random_kv(0), 4)
 
 
-# ---------- baselines against their rules ----------
+def test_available_policies():
+    names = available_policies()
+    assert names == sorted(names) and "none" in names and "restkv" in names
+    assert "pyramidkv" not in names and "pyramidkv" in POLICIES  # per-layer budgets: not for the paged engine
+    with pytest.raises(ValueError):
+        get_policy("nope")
 
-def test_gqa_aggregation_rules():
-    s = torch.rand(6, 10, dtype=F64)
-    mean = scoring.gqa_aggregate(s, 2, "mean")
+
+@pytest.mark.parametrize("name", [p for p in sorted(POLICIES) if p not in ("none", "pyramidkv")])
+def test_score_is_physical_with_an_infinite_window(name):
+    kv = random_kv(14, L=40)
+    score = get_policy(name, window=8).score(kv, budget=20)
+    assert score.shape == (2, 40) and torch.isinf(score[:, 32:]).all()
+
+
+def test_top_k_latest_breaks_ties_towards_later_positions():
+    scores = torch.tensor([[1.0, 3.0, 2.0, 2.0, 2.0, float("nan"), 0.0], [5.0, 5.0, 5.0, 5.0, 1.0, 1.0, 1.0]])
+    assert top_k_latest(scores, 3).tolist() == [[1, 3, 4], [1, 2, 3]]
+    assert top_k_latest(scores, 0).shape == (2, 0)
+
+
+# ---------- ReST-KV and the baselines against brute-force rules ----------
+
+def test_restkv_policy_against_brute_force():
+    kv = random_kv(15, L=30, w=6, dtype=F64)
+    policy = get_policy("restkv", window=6, beta=3.0, kernel_size=3)
+    raw = brute_restkv_after(kv.query, kv.key, kv.value, kv.o_proj_weight, 24, 0.3)
+    attn = brute_attention(kv.query, kv.key)
+    smoothed = brute_aws(raw, brute_drift(attn, 8), 3.0, 3)
+    expect = brute_gqa(smoothed, 2, "mean")
+    assert torch.allclose(policy.score(kv, budget=14)[:, :24], expect, atol=1e-12)
+    kept = policy.select(kv, 14)
     for g in range(2):
-        expect = sum(s[h] / s[h].sum() for h in range(3 * g, 3 * g + 3)) / 3
-        assert torch.allclose(mean[g], expect)
-    assert torch.allclose(scoring.gqa_aggregate(s, 2, "mean_raw")[1], s[3:].mean(0))
-    assert torch.allclose(scoring.gqa_aggregate(s, 2, "max")[0], (s[:3] / s[:3].sum(1, keepdim=True)).max(0).values)
+        assert set(kept[g].tolist()) == top_set(expect[g], 8) | set(range(24, 30))
+
+
+def test_restkv_before_mode_policy():
+    kv = random_kv(16, L=24, w=4, dtype=F64)
+    policy = get_policy("restkv", window=4, mode="before", beta=1e6, kernel_size=1)
+    raw = scoring.restkv_scores_before(kv.query, kv.key, kv.value, kv.o_proj_weight, window=4)
+    # k = 1 and |s| < beta: the smoothing is the identity except the quirky shift m = +1 when s == 0
+    assert torch.allclose(policy.score(kv)[:, :20], scoring.gqa_aggregate(raw, 2, "mean"), atol=1e-12)
+    with pytest.raises(ValueError):
+        get_policy("restkv", mode="sideways")
+
+
+def test_restkv_uses_the_cached_factor():
+    kv = random_kv(17, L=40)
+    policy = get_policy("restkv", window=8)
+    expect = policy.select(kv, 20)
+    kv.wo_factor = scoring.wo_factors(kv.o_proj_weight, 4)
+    kv.o_proj_weight = None
+    assert torch.equal(policy.select(kv, 20), expect)
 
 
 def test_snapkv_rule():
-    kv = random_kv(8)
-    attn = brute_window_attention(kv.query.double(), kv.key.double())
-    summed = attn[:, :, :56].sum(1)
-    pooled = torch.stack([torch.tensor([sum(float(r[j + u]) for u in range(-2, 3) if 0 <= j + u < 56) / 5
-                                        for j in range(56)], dtype=F64) for r in summed])
-    expect = torch.stack([(pooled[h] / pooled[h].sum()) for h in range(4)]).view(2, 2, 56).mean(1)
-    assert torch.allclose(get_policy("snapkv", window=8).score(kv).double(), expect, atol=1e-6)
+    kv = random_kv(18)
+    attn = brute_attention(kv.query, kv.key)
+    pooled = torch.stack([torch.tensor(brute_avgpool_zero(attn[h, :, :56].sum(0), 5), dtype=F64) for h in range(4)])
+    expect = brute_gqa(pooled, 2, "mean")
+    policy = get_policy("snapkv", window=8)
+    assert torch.allclose(policy.score(kv)[:, :56].double(), expect, atol=1e-6)
+    kept = policy.select(kv, 24)
+    for g in range(2):
+        assert set(kept[g].tolist()) == top_set(expect[g], 16) | set(range(56, 64))
 
 
 def test_tova_rule():
-    kv = random_kv(9)
-    attn = brute_window_attention(kv.query.double(), kv.key.double())
-    expect = attn[:, -1, :56].mean(0)
-    got = get_policy("tova", window=8).score(kv)
-    assert torch.allclose(got[0].double(), expect, atol=1e-6) and torch.equal(got[0], got[1])
+    kv = random_kv(19)
+    attn = brute_attention(kv.query, kv.key)
+    expect = attn[:, -1, :56].mean(0)  # all heads of the layer, the newest query
+    kept = get_policy("tova", window=8).select(kv, 24)
+    assert set(kept[0].tolist()) == top_set(expect, 16) | set(range(56, 64))
+    assert torch.equal(kept[0], kept[1])  # every head keeps the same tokens
 
 
-def test_streamingllm_keeps_sinks_and_recent():
-    kv = random_kv(10)
-    kept = get_policy("streamingllm", window=8).select(kv, 20)
-    assert kept[0].tolist() == [0, 1, 2, 3] + list(range(48, 64))
+def test_streamingllm_keeps_sinks_and_the_most_recent_logical_positions():
+    kv = random_kv(20)
+    assert get_policy("streamingllm", window=8).select(kv, 20)[0].tolist() == [0, 1, 2, 3] + list(range(48, 64))
+    # after an earlier eviction positions are not contiguous and differ per head
+    positions = torch.tensor([[0, 1, 2, 3, 10, 11, 30, 31, 40, 41, 42, 43, 44, 45, 46, 47],
+                              [0, 1, 2, 3, 5, 6, 7, 9, 40, 41, 42, 43, 44, 45, 46, 47]])
+    kv = LayerKV(query=None, key=torch.randn(2, 16, 4), value=torch.randn(2, 16, 4), positions=positions)
+    kept = get_policy("streamingllm", window=8, sinks=2).select(kv, 11)
+    assert positions.gather(1, kept).tolist() == [[0, 1, 31] + list(range(40, 48)), [0, 1, 9] + list(range(40, 48))]
 
 
-def test_h2o_one_shot_sums_attention_of_all_queries():
+def test_h2o_one_shot_sums_the_attention_of_all_prompt_queries():
     L = 30
-    q, k, v, W = random_case(11, L=L, w=L)  # every prompt query
-    kv = LayerKV(query=q.float(), key=k.float(), value=v.float(), positions=torch.arange(L).expand(2, L), state={})
-    attn = brute_window_attention(q, k)  # causal over all L queries
-    expect = attn.sum(1).view(2, 2, L).sum(1)[:, : L - 8]
-    assert torch.allclose(get_policy("h2o", window=8).score(kv).double(), expect, atol=1e-5)
-
-
-def test_h2o_accumulates_across_calls_and_follows_kept_tokens():
+    q, k, v, _ = random_case(21, L=L, w=L)  # every prompt query
+    kv = LayerKV(query=q.float(), key=k.float(), value=v.float(), positions=torch.arange(L).expand(2, L))
+    attn = brute_attention(q, k)
+    expect = torch.stack([attn[2 * g: 2 * g + 2].sum(dim=(0, 1)) for g in range(2)])[:, : L - 8]
     policy = get_policy("h2o", window=8)
-    kv = random_kv(12)
-    first = policy.accumulated(kv).clone()
-    again = policy.accumulated(kv)  # same queries again: nothing new is counted
-    assert torch.allclose(first, again)
-    kept = policy.select(kv, 32)
-    policy.after_select(kv, kept)
-    assert torch.allclose(kv.state["h2o_acc"], first.gather(1, kept))
+    assert torch.allclose(policy.score(kv)[:, : L - 8].double(), expect, atol=1e-5)
+    kept = policy.select(kv, 16)
+    for g in range(2):
+        assert set(kept[g].tolist()) == top_set(expect[g], 8) | set(range(22, 30))
+
+
+def test_h2o_recent_split():
+    kv = random_kv(22)
+    kept = get_policy("h2o", window=8, recent_ratio=0.5).select(kv, 32)  # 16 recent (window included), 16 heavy
+    base = get_policy("h2o", window=8).score(random_kv(22))[:, :48]
+    for g in range(2):
+        assert set(range(48, 64)) <= set(kept[g].tolist())
+        assert set(kept[g].tolist()) - set(range(48, 64)) == top_set(base[g], 16)
+    with pytest.raises(ValueError):
+        get_policy("h2o", recent_ratio=2.0)
 
 
 def test_random_is_seeded():
-    kv = random_kv(13)
+    kv = random_kv(23)
     a = get_policy("random", window=8, seed=1).select(kv, 20)
     assert torch.equal(a, get_policy("random", window=8, seed=1).select(kv, 20))
     assert not torch.equal(a, get_policy("random", window=8, seed=2).select(kv, 20))
 
 
+def brute_pyramid(C, w, N, L, beta=20):
+    b = C - w
+    if L < 2 * b or N == 1:
+        return [C] * N
+    lo = b // beta
+    hi = 2 * b - lo
+    if hi >= L - w:
+        hi, lo = L - w, 2 * b - (L - w)
+    return [hi - i * ((hi - lo) // (N - 1)) + w for i in range(N)]
+
+
 def test_pyramid_budgets_schedule():
-    budgets = pyramid_budgets(128, 32, 4, 4000)
-    assert budgets == sorted(budgets, reverse=True) and budgets[0] > 128 > budgets[-1]
-    assert abs(sum(budgets) / 4 - 128) <= 4
-    kv = random_kv(14, L=200)
-    assert get_policy("pyramidkv", window=8).select(kv, 40).shape[1] == pyramid_budgets(40, 8, 4, 200)[1]
+    assert pyramid_budgets(128, 32, 4, 4000) == [220, 159, 98, 37]  # b 96, min 4, max 188, step 61
+    assert pyramid_budgets(128, 32, 4, 200) == [200, 152, 104, 56]  # max capped at L - w = 168, min 24
+    assert pyramid_budgets(128, 32, 4, 150) == [128] * 4  # L < 2b: uniform, as in the reference code
+    for C, w, N, L in [(64, 8, 6, 500), (512, 32, 32, 8000), (96, 32, 3, 140), (40, 8, 1, 900)]:
+        assert pyramid_budgets(C, w, N, L) == brute_pyramid(C, w, N, L)
+
+
+def test_pyramidkv_keeps_the_layer_budget_with_snapkv_scores():
+    kv = random_kv(24, L=200)
+    budgets = pyramid_budgets(40, 8, 4, 200)
+    assert budgets[0] > 40 > budgets[-1]
+    for layer in range(4):
+        kv.layer_idx = layer
+        kept = get_policy("pyramidkv", window=8).select(kv, 40)
+        assert kept.shape == (2, budgets[layer])
+        assert torch.equal(kept, get_policy("snapkv", window=8).select(kv, budgets[layer]))
+
+
+# ---------- physical order ----------
+
+@pytest.mark.parametrize("name", ["restkv", "snapkv", "h2o", "tova", "streamingllm", "random"])
+def test_physical_order_does_not_matter(name):
+    """Rows permuted differently per head give the same kept tokens and the same per-token scores."""
+    kv = random_kv(25, L=48)
+    g = torch.Generator().manual_seed(0)
+    perm = torch.stack([torch.randperm(48, generator=g) for _ in range(2)])
+    rows = perm[..., None].expand(-1, -1, 8)
+    shuffled = dataclasses.replace(kv, key=kv.key.gather(1, rows), value=kv.value.gather(1, rows),
+                                   positions=kv.positions.gather(1, perm), state={})
+    policy = get_policy(name, window=8)
+    kept = policy.select(kv, 20)
+    kept_shuffled = policy.select(shuffled, 20)
+    assert kept_shuffled.tolist() == kept_shuffled.sort(1).values.tolist()
+    assert torch.equal(perm.gather(1, kept_shuffled).sort(1).values, kept)
+    assert torch.allclose(policy.score(shuffled, budget=20), policy.score(kv, budget=20).gather(1, perm))
 
 
 # ---------- incremental use ----------
 
-@pytest.mark.parametrize("name", ["restkv", "snapkv", "tova"])
-def test_repeated_eviction_equals_one_shot_scoring_of_the_kept_set(name):
-    """Evicting in two steps: the second call sees the kept tokens (non-contiguous positions) plus new ones, and
-    scores them exactly as a one-shot call on that token set would."""
+def next_step(kv, kept, seed, new=16, H=4):
+    """The cache after evicting to `kept` and appending `new` tokens, with fresh window queries."""
+    g = torch.Generator().manual_seed(seed)
+    d, Hkv = kv.key.shape[-1], kv.key.shape[0]
+    newest = int(kv.positions.max()) + 1
+    rows = kept[..., None].expand(-1, -1, d)
+    key = torch.cat([kv.key.gather(1, rows), torch.randn(Hkv, new, d, generator=g, dtype=kv.key.dtype)], 1)
+    value = torch.cat([kv.value.gather(1, rows), torch.randn(Hkv, new, d, generator=g, dtype=kv.key.dtype)], 1)
+    positions = torch.cat([kv.positions.gather(1, kept), torch.arange(newest, newest + new).expand(Hkv, new)], 1)
+    query = torch.randn(H, kv.query.shape[1], d, generator=g, dtype=kv.key.dtype)
+    return LayerKV(query=query, key=key, value=value, positions=positions, o_proj_weight=kv.o_proj_weight,
+                   layer_idx=kv.layer_idx, num_layers=kv.num_layers, state=kv.state)
+
+
+def evict(policy, kv, budget):
+    kept = policy.select(kv, budget)
+    policy.after_select(kv, kept)
+    return kept
+
+
+def test_restkv_second_eviction_equals_one_shot_scoring_of_the_kept_set():
+    """Evicting in two steps (carry = 0): the second call scores the kept tokens (non-contiguous positions, which
+    differ per head) plus the new ones exactly as brute force does on that token set."""
+    policy = get_policy("restkv", window=6, beta=3.0, kernel_size=3)
+    kv = random_kv(26, L=40, w=6, dtype=F64)
+    step2 = next_step(kv, evict(policy, kv, 20), 27, new=10)
+    assert not torch.equal(step2.positions[0], step2.positions[1])
+    qpos = step2.query_positions()
+    assert qpos.tolist() == list(range(44, 50))
+    raw = brute_restkv_after(step2.query, step2.key, step2.value, step2.o_proj_weight, 24, 0.3, qpos,
+                             step2.positions)
+    attn = brute_attention(step2.query, step2.key, qpos, step2.positions)
+    expect = brute_gqa(brute_aws(raw, brute_drift(attn, 14), 3.0, 3), 2, "mean")
+    assert torch.allclose(policy.score(step2, budget=20)[:, :24], expect, atol=1e-12)
+    fresh = LayerKV(query=step2.query, key=step2.key, value=step2.value, positions=step2.positions,
+                    o_proj_weight=step2.o_proj_weight)
+    assert torch.equal(policy.select(step2, 20), policy.select(fresh, 20))
+
+
+@pytest.mark.parametrize("name", ["snapkv", "tova", "streamingllm"])
+def test_stateless_baselines_rescore_the_current_cache(name):
     policy = get_policy(name, window=8)
-    kv = random_kv(15, L=80)
-    kept = policy.select(kv, 40)
-    g = torch.Generator().manual_seed(99)
-    new_k = torch.randn(2, 16, 8, generator=g)
-    new_v = torch.randn(2, 16, 8, generator=g)
-    positions = torch.cat([kv.positions.gather(1, kept), torch.arange(80, 96).expand(2, 16)], 1)
-    key = torch.cat([kv.key.gather(1, kept[..., None].expand(-1, -1, 8)), new_k], 1)
-    value = torch.cat([kv.value.gather(1, kept[..., None].expand(-1, -1, 8)), new_v], 1)
-    query = torch.randn(4, 8, 8, generator=g)
-    step2 = LayerKV(query=query, key=key, value=value, positions=positions, o_proj_weight=kv.o_proj_weight)
+    kv = random_kv(28, L=80)
+    step2 = next_step(kv, evict(policy, kv, 40), 29)
     kept2 = policy.select(step2, 40)
-    assert kept2.shape == (2, 40) and (positions.gather(1, kept2)[:, -8:] == torch.arange(88, 96)).all()
-    # masking honours logical positions: queries at 88..95 see every cached token except later window tokens
-    attn = scoring.window_attention(query, key, step2.query_positions(), positions)
-    assert attn[0, 0, :-7].min() > 0 and (attn[0, 0, -7:] == 0).all()
+    fresh = LayerKV(query=step2.query, key=step2.key, value=step2.value, positions=step2.positions)
+    assert torch.equal(kept2, policy.select(fresh, 40))
+    assert (step2.positions.gather(1, kept2)[:, -8:] == torch.arange(88, 96)).all()  # the newest 8 stay
+
+
+def test_restkv_carry_blends_with_the_scores_of_the_previous_call():
+    policy = get_policy("restkv", window=8, carry=0.25)
+    plain = get_policy("restkv", window=8)
+    kv = random_kv(30, L=64)
+    first = policy.score(kv, budget=32)
+    assert "restkv_carry" not in kv.state  # scoring alone commits nothing
+    kept = evict(policy, kv, 32)
+    carried = kv.state["restkv_carry"]
+    assert carried.shape == (2, 32)
+    assert torch.equal(carried[:, :24], first.gather(1, kept)[:, :24]) and carried[:, 24:].isnan().all()
+    step2 = next_step(kv, kept, 31)  # 48 tokens: 24 scored before, 8 previous window, 16 new
+    new = plain.score(step2, budget=32)[:, :40]
+    got = policy.score(step2, budget=32)[:, :40]
+    assert torch.allclose(got[:, :24], 0.75 * new[:, :24] + 0.25 * carried[:, :24])
+    assert torch.equal(got[:, 24:], new[:, 24:])
+    with pytest.raises(ValueError):
+        get_policy("restkv", carry=1.0)
+
+
+def test_h2o_sums_accumulate_across_calls_and_survive_gather():
+    L, w = 48, 8
+    q_all, k, v, _ = random_case(32, L=L, w=L, dtype=torch.float32)
+    policy = get_policy("h2o", window=w)
+    state: dict = {}
+
+    def layer(n, kv_key=k, kv_value=v, positions=None):
+        positions = torch.arange(n).expand(2, n) if positions is None else positions
+        newest = int(positions.max())
+        return LayerKV(query=q_all[:, newest - w + 1: newest + 1], key=kv_key, value=kv_value, positions=positions,
+                       state=state)
+
+    # chunk 1 (tokens 0..23) and chunk 2 (0..31) evict nothing, yet both count their queries
+    evict(policy, layer(24, k[:, :24], v[:, :24]), 64)
+    evict(policy, layer(32, k[:, :32], v[:, :32]), 64)
+    attn = brute_attention(q_all[:, 16:32].double(), k[:, :32].double())  # queries 16..31 (causal)
+    expect = torch.stack([attn[2 * g: 2 * g + 2].sum(dim=(0, 1)) for g in range(2)])
+    assert torch.allclose(state["h2o_acc"].double(), expect, atol=1e-5) and state["h2o_seen"] == 31
+    # the same queries again count nothing
+    again = policy.accumulate(layer(32, k[:, :32], v[:, :32]))
+    assert torch.allclose(again.double(), expect, atol=1e-5)
+    # chunk 3 (0..39) evicts to 24: the sums follow their tokens
+    kv = layer(40, k[:, :40], v[:, :40])
+    before = policy.accumulate(kv).clone()
+    kept = evict(policy, kv, 24)
+    assert torch.equal(state["h2o_acc"], before.gather(1, kept))
+    # chunk 4 appends 40..47: old sums plus the new queries' attention over the compacted cache
+    rows = kept[..., None].expand(-1, -1, 8)
+    positions = torch.cat([kept, torch.arange(40, 48).expand(2, 8)], 1)
+    kv = layer(32, torch.cat([k.gather(1, rows), k[:, 40:]], 1), torch.cat([v.gather(1, rows), v[:, 40:]], 1),
+               positions)
+    carried = state["h2o_acc"].clone()
+    acc = policy.accumulate(kv)
+    attn = brute_attention(q_all[:, 40:48].double(), kv.key.double(), torch.arange(40, 48), positions)
+    add = torch.stack([attn[2 * g: 2 * g + 2].sum(dim=(0, 1)) for g in range(2)])
+    assert torch.allclose(acc.double(), torch.cat([carried.double(), torch.zeros(2, 8, dtype=F64)], 1) + add,
+                          atol=1e-5)
+
+
+def test_after_select_gathers_state_and_rejects_stale_state():
+    policy = get_policy("snapkv", window=8)
+    kv = random_kv(33, L=40)
+    kv.state["tag"] = kv.positions.clone().float()
+    kv.state["count"] = 3
+    kept = evict(policy, kv, 20)
+    assert torch.equal(kv.state["tag"], kept.float()) and kv.state["count"] == 3
+    kv = random_kv(34, L=40)
+    kv.state["tag"] = torch.zeros(2, 30)
+    with pytest.raises(RuntimeError):
+        evict(policy, kv, 20)

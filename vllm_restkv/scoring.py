@@ -2,7 +2,9 @@
 
 Shapes: H query heads, H_kv KV heads (query head h reads KV head h // (H / H_kv)), d head size, D hidden size,
 L cached tokens, w observation-window queries (the newest w positions), P = L - w prefix tokens.
-Everything is computed in float32, or float64 when the inputs are float64 (the reference precision of the tests).
+Everything is computed in float32 whatever the input dtype (the official code's bf16 odds ratio has about three
+significant digits), or in float64 when any input is float64 (the reference precision of the tests).
+Formulas and oracles: shared/docs/restkv-algorithm.md, sections 2-4 and 10.
 """
 
 from __future__ import annotations
@@ -12,43 +14,49 @@ import math
 import torch
 import torch.nn.functional as F
 
+GQA_MODES = ("mean", "max", "mean_raw")
+BEFORE_CHUNK = 4096  # prefix keys projected at once in "before" mode (memory H * w * chunk * d)
 
-def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+
+def compute_dtype(*tensors: torch.Tensor | None) -> torch.dtype:
     return torch.float64 if any(t is not None and t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
 def expand_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """[H_kv, L, d] -> [H, L, d] (repeat each KV head for the query heads of its group)."""
+    """[H_kv, L, d] -> [H, L, d]: each KV head repeated for the query heads of its group."""
     group = num_heads // x.shape[0]
     return x.repeat_interleave(group, dim=0) if group > 1 else x
 
 
-def window_attention(query: torch.Tensor, key: torch.Tensor, query_positions: torch.Tensor | None = None,
+def window_attention(query: torch.Tensor, key: torch.Tensor, *, causal_window: bool = True,
+                     query_positions: torch.Tensor | None = None,
                      key_positions: torch.Tensor | None = None) -> torch.Tensor:
-    """Softmax attention of the window queries over all cached keys: [H, w, L].
+    """Softmax attention of the w window queries over all L cached keys, [H, w, L], scale 1/sqrt(d).
 
-    Causal: a key whose (logical) position is after the query's is masked. Without positions, the queries are the
-    last w of L contiguous tokens.
+    With `causal_window`, key j is masked for query t when j comes after t. Without positions the queries are the
+    last w of L contiguous tokens (mask inside the window only); with positions (`query_positions` [w],
+    `key_positions` [H_kv, L], logical and possibly non-contiguous after earlier evictions) the mask compares them.
     """
     dtype = compute_dtype(query, key)
     h, w, d = query.shape
-    h_kv, L, _ = key.shape
-    group = h // h_kv
-    # Grouped einsum: the query heads of a group share their KV head without copying it.
-    q = query.to(dtype).view(h_kv, group, w, d)
-    logits = torch.einsum("kgwd,kld->kgwl", q, key.to(dtype)) / math.sqrt(d)
-    if query_positions is None:
-        query_positions = torch.arange(L - w, L, device=query.device)
-    if key_positions is None:
-        key_positions = torch.arange(L, device=query.device).expand(h_kv, L)
-    mask = key_positions[:, None, None, :] > query_positions[None, None, :, None]
-    logits = logits.masked_fill(mask, float("-inf"))
-    return torch.softmax(logits, dim=-1).view(h, w, L)
+    h_kv, length, _ = key.shape
+    # One batched matmul per KV head: the query heads of a group share their KV head without copying it.
+    q = query.to(dtype).reshape(h_kv, (h // h_kv) * w, d) / math.sqrt(d)
+    logits = torch.bmm(q, key.to(dtype).transpose(1, 2)).view(h_kv, h // h_kv, w, length)
+    if causal_window:
+        if query_positions is None:
+            query_positions = torch.arange(length - w, length, device=key.device)
+        if key_positions is None:
+            key_positions = torch.arange(length, device=key.device).expand(h_kv, length)
+        logits.masked_fill_(key_positions[:, None, None, :] > query_positions[None, None, :, None], float("-inf"))
+    return torch.softmax(logits, dim=-1).view(h, w, length)
 
 
-def ema_weights(w: int, alpha: float, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Closed form of E <- x_0; E <- a x_t + (1 - a) E: oldest (1-a)^(w-1), query t >= 1 gets a (1-a)^(w-1-t)."""
-    t = torch.arange(w, dtype=dtype)
+def ema_weights(w: int, alpha: float, dtype: torch.dtype = torch.float64,
+                device: torch.device | str | None = None) -> torch.Tensor:
+    """Closed form of E <- x_0; E <- alpha x_t + (1 - alpha) E over w values (oldest first):
+    the oldest gets (1-alpha)^(w-1), value t >= 1 gets alpha (1-alpha)^(w-1-t); they sum to 1."""
+    t = torch.arange(w, dtype=dtype, device=device)
     weights = alpha * (1 - alpha) ** (w - 1 - t)
     weights[0] = (1 - alpha) ** (w - 1)
     return weights
@@ -56,96 +64,117 @@ def ema_weights(w: int, alpha: float, dtype: torch.dtype = torch.float64) -> tor
 
 def ema(x: torch.Tensor, alpha: float, dim: int) -> torch.Tensor:
     """EMA over `dim` (oldest first), via the closed-form weights."""
-    weights = ema_weights(x.shape[dim], alpha, x.dtype).to(x.device)
+    weights = ema_weights(x.shape[dim], alpha, x.dtype, x.device)
     shape = [1] * x.dim()
     shape[dim] = -1
     return (x * weights.view(shape)).sum(dim)
 
 
 def wo_factors(o_proj_weight: torch.Tensor, num_heads: int) -> torch.Tensor:
-    """R_h [H, d, d] (upper triangular) with ||W_o^h x|| = ||R_h x|| for every x; computed once per layer.
+    """R_h [H, d, d], upper triangular, with ||W_o^h x|| = ||R_h x|| for every x; computed once per layer.
 
-    W_o^h is the D x d column block of o_proj for head h; QR gives W_o^h = Q R with orthonormal Q.
+    W_o^h is the D x d column block of o_proj for head h; QR gives W_o^h = Q_h R_h with orthonormal Q_h, so the
+    projected norm costs d^2 instead of D d per token (oracle O5).
     """
     dtype = compute_dtype(o_proj_weight)
-    w = o_proj_weight.to(dtype)
-    d = w.shape[1] // num_heads
-    blocks = w.view(w.shape[0], num_heads, d).permute(1, 0, 2)  # [H, D, d]
+    weight = o_proj_weight.to(dtype)
+    d = weight.shape[1] // num_heads
+    blocks = weight.reshape(weight.shape[0], num_heads, d).permute(1, 0, 2)  # [H, D, d]
     return torch.linalg.qr(blocks, mode="r").R
 
 
-def _odds(a: torch.Tensor) -> torch.Tensor:
+def odds(a: torch.Tensor) -> torch.Tensor:
+    """a / (1 - a), the attention-redistribution factor; a is clamped below 1 so a sink with a = 1 stays finite."""
     eps = 1e-15 if a.dtype == torch.float64 else 1e-6
     a = a.clamp(max=1 - eps)
     return a / (1 - a)
 
 
-def _projected_norm(diff: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """||R_h diff|| for diff [H, N, d] and factor [H, d, d] -> [H, N]."""
-    return torch.einsum("hij,hnj->hni", factor.to(diff.dtype), diff).norm(dim=-1)
+def projected_norm(diff: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """||R_h x|| for x = diff[h, ..., :] ([H, ..., d]) and factor [H, d, d] -> [H, ...]."""
+    h, d = diff.shape[0], diff.shape[-1]
+    flat = diff.reshape(h, -1, d)
+    return torch.einsum("hij,hnj->hni", factor.to(diff.dtype), flat).norm(dim=-1).reshape(diff.shape[:-1])
 
 
 def restkv_scores_from_attention(attn: torch.Tensor, value: torch.Tensor, factor: torch.Tensor, prefix: int,
                                  alpha: float) -> torch.Tensor:
-    """ReST-KV "after" mode from window attention [H, w, L]: [H, P] with P = prefix.
+    """ReST-KV "after" mode from the window attention [H, w, L]: [H, P] with P = `prefix`.
 
-    a_bar = EMA over window queries of the prefix attention; o_bar = sum_j a_bar_j v_j over the prefix only (the
-    window keys are left out, as in the official code); S_j = a_bar_j / (1 - a_bar_j) * ||W_o^h (o_bar - v_j)||.
+    a_bar = EMA over the window queries of the prefix attention; o_bar = sum_j a_bar_j v_j over the prefix only (the
+    window keys are left out, as in the official code); S_j = a_bar_j / (1 - a_bar_j) * ||W_o^h (o_bar - v_j)||,
+    the exact leave-one-out error of a virtual query with attention a_bar (oracle O2).
     """
     h = attn.shape[0]
     v = expand_kv(value.to(attn.dtype), h)[:, :prefix]  # [H, P, d]
     a_bar = ema(attn[:, :, :prefix], alpha, dim=1)  # [H, P]
     o_bar = torch.einsum("hp,hpd->hd", a_bar, v)
-    return _odds(a_bar) * _projected_norm(o_bar[:, None, :] - v, factor)
+    return odds(a_bar) * projected_norm(o_bar[:, None, :] - v, factor)
+
+
+def restkv_scores_before_from_attention(attn: torch.Tensor, value: torch.Tensor, factor: torch.Tensor,
+                                        prefix: int, alpha: float) -> torch.Tensor:
+    """ReST-KV "before" mode: the exact leave-one-out error of every window query (true output over all L keys),
+    then the EMA over the queries (oracle O1). [H, P]; projected in chunks of prefix keys to bound memory."""
+    h = attn.shape[0]
+    v = expand_kv(value.to(attn.dtype), h)  # [H, L, d]
+    out = torch.einsum("hwl,hld->hwd", attn, v)  # [H, w, d] true outputs
+    weights = ema_weights(attn.shape[1], alpha, attn.dtype, attn.device)
+    scores = []
+    for start in range(0, prefix, BEFORE_CHUNK):
+        stop = min(start + BEFORE_CHUNK, prefix)
+        diff = out[:, :, None, :] - v[:, None, start:stop, :]  # [H, w, chunk, d]
+        delta = odds(attn[:, :, start:stop]) * projected_norm(diff, factor)  # [H, w, chunk]
+        scores.append(torch.einsum("w,hwp->hp", weights, delta))
+    return torch.cat(scores, dim=1) if scores else attn.new_zeros(h, 0)
+
+
+def _scores_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, o_proj_weight: torch.Tensor,
+                   window: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(window attention, value, R factors, P) in the compute dtype, for contiguous tokens."""
+    if query.shape[1] != window:
+        raise ValueError(f"query has {query.shape[1]} window rows, expected window={window}")
+    dtype = compute_dtype(query, key, value, o_proj_weight)
+    attn = window_attention(query.to(dtype), key.to(dtype))
+    factor = wo_factors(o_proj_weight.to(dtype), query.shape[0])
+    return attn, value.to(dtype), factor, key.shape[1] - window
 
 
 def restkv_scores(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, o_proj_weight: torch.Tensor, *,
                   window: int = 32, alpha: float = 0.3) -> torch.Tensor:
     """Raw (pre-smoothing) ReST-KV scores, paper default "after" mode.
 
-    query [H, w, d] post-RoPE window queries (w = window), key/value [H_kv, L, d] post-RoPE, all L tokens incl. the
-    window, o_proj_weight [D, H*d]. Returns [H, L - w]: one score per query head and prefix token.
+    query [H, w, d] post-RoPE window queries (w = window), key/value [H_kv, L, d] post-RoPE, all L contiguous tokens
+    including the window, o_proj_weight [D, H*d]. Returns [H, L - w]: one score per query head and prefix token.
     """
-    if query.shape[1] != window:
-        raise ValueError(f"query has {query.shape[1]} window rows, expected window={window}")
-    dtype = compute_dtype(query, key, value, o_proj_weight)
-    attn = window_attention(query.to(dtype), key.to(dtype))
-    factor = wo_factors(o_proj_weight.to(dtype), query.shape[0])
-    return restkv_scores_from_attention(attn, value.to(dtype), factor, key.shape[1] - window, alpha)
+    attn, value, factor, prefix = _scores_inputs(query, key, value, o_proj_weight, window)
+    return restkv_scores_from_attention(attn, value, factor, prefix, alpha)
 
 
 def restkv_scores_before(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, o_proj_weight: torch.Tensor,
                          *, window: int = 32, alpha: float = 0.3) -> torch.Tensor:
-    """ReST-KV "before" mode: exact leave-one-out per window query (true output over all L keys), then EMA. [H, P]."""
-    dtype = compute_dtype(query, key, value, o_proj_weight)
-    h = query.shape[0]
-    attn = window_attention(query.to(dtype), key.to(dtype))  # [H, w, L]
-    v = expand_kv(value.to(dtype), h)  # [H, L, d]
-    factor = wo_factors(o_proj_weight.to(dtype), h)
-    prefix = key.shape[1] - window
-    out = torch.einsum("hwl,hld->hwd", attn, v)  # true outputs
-    diff = out[:, :, None, :] - v[:, None, :prefix, :]  # [H, w, P, d]
-    norms = torch.einsum("hij,hwpj->hwpi", factor, diff).norm(dim=-1)
-    delta = _odds(attn[:, :, :prefix]) * norms  # [H, w, P]
-    return ema(delta, alpha, dim=1)
+    """Raw ReST-KV scores, "before" mode (per-query exact leave-one-out, then EMA); same contract as restkv_scores."""
+    attn, value, factor, prefix = _scores_inputs(query, key, value, o_proj_weight, window)
+    return restkv_scores_before_from_attention(attn, value, factor, prefix, alpha)
 
 
 def drift_score(attn: torch.Tensor, n: int) -> torch.Tensor:
-    """AWS drift s_h [H]: mean over i < w/2 and rank of (top-n positions of query i) - (those of query i + w/2),
-    each list in ascending order of attention."""
-    h, w, L = attn.shape
-    n = min(n, L)
+    """AWS drift s_h [H]: mean over i < w/2 and rank r of (position of the r-th top key of query i) minus (that of
+    query i + w/2), the n top keys of each query listed in ascending order of attention."""
+    h, w, length = attn.shape
+    n = min(n, length)
     half = w // 2
-    if half == 0 or n == 0:
+    if half == 0 or n <= 0:
         return torch.zeros(h, dtype=attn.dtype, device=attn.device)
-    # top n per query, listed in ascending order of attention (topk is far cheaper than a full sort over L)
+    # topk is far cheaper than a full sort over L; flip gives ascending order of attention
     early = attn[:, :half].topk(n, dim=-1).indices.flip(-1)
-    late = attn[:, half : 2 * half].topk(n, dim=-1).indices.flip(-1)
-    diff = early.to(attn.dtype) - late.to(attn.dtype)
-    return diff.mean(dim=(1, 2))
+    late = attn[:, half: 2 * half].topk(n, dim=-1).indices.flip(-1)
+    return (early.to(attn.dtype) - late.to(attn.dtype)).mean(dim=(1, 2))
 
 
 def aws_kernel_and_shift(s: torch.Tensor, beta: float, k_min: int) -> tuple[list[int], list[int]]:
+    """Per head k = max(k_min, 2 floor(|s|/beta) + 1) and m = floor(s/beta) if s > 0 else floor(s/beta) + 1 (the
+    official code's rule, including its quirk m = +1 at s = 0)."""
     ks, ms = [], []
     for value in s.tolist():
         ks.append(max(k_min, 2 * math.floor(abs(value) / beta) + 1))
@@ -155,35 +184,32 @@ def aws_kernel_and_shift(s: torch.Tensor, beta: float, k_min: int) -> tuple[list
 
 def adaptive_window_pool(scores: torch.Tensor, attn: torch.Tensor, budget_prefix: int, beta: float = 2000.0,
                          k_min: int = 5) -> torch.Tensor:
-    """Adaptive window-based smoothing: per head a box filter of width k_h centred on j + m_h, replicate padding."""
-    s = drift_score(attn, budget_prefix)
-    ks, ms = aws_kernel_and_shift(s, beta, k_min)
+    """Adaptive window-based smoothing of scores [H, P]: per head a box filter of width k_h centred on j + m_h with
+    replicate padding; k_h and m_h follow the drift of the top `budget_prefix` keys across the window attention
+    attn [H, w, L] (section 4; oracle O4)."""
+    ks, ms = aws_kernel_and_shift(drift_score(attn, budget_prefix), beta, k_min)
     out = torch.empty_like(scores)
     for h, (k, m) in enumerate(zip(ks, ms)):
-        row = scores[h][None, None]
-        padded = F.pad(row, (k // 2 - m, k // 2 + m), mode="replicate")
+        padded = F.pad(scores[h][None, None], (k // 2 - m, k // 2 + m), mode="replicate")
         out[h] = F.avg_pool1d(padded, k, stride=1)[0, 0]
     return out
 
 
 def avg_pool_zero_pad(scores: torch.Tensor, k: int = 5) -> torch.Tensor:
-    """SnapKV/PyramidKV pooling: width k, stride 1, zero padding counted in the average."""
+    """SnapKV/PyramidKV pooling of [N, P]: width k, stride 1, zero padding counted in the average."""
     return F.avg_pool1d(scores[:, None], k, stride=1, padding=k // 2, count_include_pad=True)[:, 0]
 
 
 def gqa_aggregate(scores: torch.Tensor, num_kv_heads: int, mode: str = "mean") -> torch.Tensor:
-    """[H, N] per query head -> [H_kv, N] per KV head.
+    """[H, N] per query head -> [H_kv, N] per KV head, over the G query heads of each group.
 
-    mean: normalise each head to sum 1 (score scales differ a lot between heads), then average the group;
-    max: normalise, then take the max over the group; mean_raw: plain average.
+    mean: normalise each head to sum 1 (odds ratio x W_o-norm scales differ a lot between heads), then average;
+    max: normalise, then take the maximum; mean_raw: plain average.
     """
+    if mode not in GQA_MODES:
+        raise ValueError(f"unknown GQA aggregation {mode!r}; allowed: {', '.join(GQA_MODES)}")
     h, n = scores.shape
-    group = h // num_kv_heads
-    if mode in ("mean", "max"):
+    if mode != "mean_raw":
         scores = scores / scores.sum(dim=1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
-    grouped = scores.view(num_kv_heads, group, n)
-    if mode == "max":
-        return grouped.max(dim=1).values
-    if mode in ("mean", "mean_raw"):
-        return grouped.mean(dim=1)
-    raise ValueError(f"unknown GQA aggregation {mode!r}; allowed: mean, max, mean_raw")
+    grouped = scores.reshape(num_kv_heads, h // num_kv_heads, n)
+    return grouped.amax(dim=1) if mode == "max" else grouped.mean(dim=1)

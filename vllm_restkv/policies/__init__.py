@@ -15,13 +15,12 @@ from vllm_restkv.policies.tova import TOVA
 POLICIES: dict[str, type[EvictionPolicy]] = {
     cls.name: cls for cls in (NoEviction, RestKV, SnapKV, H2O, TOVA, StreamingLLM, PyramidKV, RandomPolicy)
 }
-# The engine keeps one block table for all layers, so it needs the same kept count in every layer.
-ENGINE_POLICIES = sorted(name for name, cls in POLICIES.items() if getattr(cls, "uniform_budget", True))
 
 
 def available_policies() -> list[str]:
-    """Policies the engine can run (the values of --kv-eviction)."""
-    return list(ENGINE_POLICIES)
+    """Sorted names the engine can run (the values of --kv-eviction), "none" included. The engine keeps one block
+    table for all layers, so policies with per-layer budgets (PyramidKV) are left out; `POLICIES` has them all."""
+    return sorted(name for name, cls in POLICIES.items() if cls.uniform_budget)
 
 
 def get_policy(name: str, **hyperparams) -> EvictionPolicy:
@@ -30,4 +29,4 @@ def get_policy(name: str, **hyperparams) -> EvictionPolicy:
     return POLICIES[name](**hyperparams)
 
 
-__all__ = ["EvictionPolicy", "LayerKV", "POLICIES", "available_policies", "get_policy", "pyramid_budgets"]
+__all__ = ["POLICIES", "EvictionPolicy", "LayerKV", "available_policies", "get_policy", "pyramid_budgets"]

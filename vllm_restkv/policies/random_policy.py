@@ -1,4 +1,4 @@
-"""Random eviction (seeded): the floor every scoring policy must beat."""
+"""Random eviction (seeded by seed, layer and length, so runs repeat): the floor every scoring policy must beat."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ class RandomPolicy(EvictionPolicy):
         super().__init__(window=window)
         self.seed = seed
 
-    def score(self, kv: LayerKV):
+    def prefix_scores(self, kv: LayerKV, n: int) -> torch.Tensor:
         g = torch.Generator().manual_seed(self.seed * 1000003 + kv.layer_idx * 7919 + kv.length)
-        return torch.rand(kv.key.shape[0], kv.length - self.window, generator=g, dtype=torch.float64)
+        scores = torch.rand(kv.num_kv_heads, kv.length - self.window, generator=g, dtype=torch.float64)
+        return scores.to(kv.key.device)

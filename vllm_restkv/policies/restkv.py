@@ -1,9 +1,11 @@
 """ReST-KV (An et al., ICLR 2026): layer-wise output reconstruction, EMA over the window queries, adaptive
-window-based smoothing; paper defaults ("after" mode, alpha 0.3, beta 2000, k_min 5).
+window-based smoothing, GQA aggregation; paper defaults ("after" mode, alpha 0.3, beta 2000, k_min 5).
 
 Repeated use (chunk boundaries, decode): each call scores the current cache afresh from the newest window queries
-(attention is causal by logical position, so kept old tokens and new ones are treated alike); nothing is carried
-over, which makes eviction at step t on the kept set equal to one-shot scoring of that set.
+(attention is causal by logical position, so kept old tokens and new ones are treated alike). With `carry` = 0 (the
+default) nothing is carried over, so eviction at step t on the kept set equals one-shot scoring of that set. With
+`carry` = c > 0 the final scores of the previous call follow their tokens (state "restkv_carry") and a token scored
+before gets (1 - c) * new + c * old; tokens not scored before (new ones, the previous window) get the new score.
 """
 
 from __future__ import annotations
@@ -13,44 +15,53 @@ import torch
 from vllm_restkv import scoring
 from vllm_restkv.policies.base import EvictionPolicy, LayerKV
 
+MODES = ("after", "before")
+
 
 class RestKV(EvictionPolicy):
     name = "restkv"
     needs_o_proj = True
 
     def __init__(self, window: int = 32, alpha: float = 0.3, beta: float = 2000.0, kernel_size: int = 5,
-                 gqa_agg: str = "mean", mode: str = "after", **_):
+                 gqa_agg: str = "mean", mode: str = "after", carry: float = 0.0, **_):
         super().__init__(window=window, gqa_agg=gqa_agg)
-        if mode not in ("after", "before"):
-            raise ValueError(f"unknown ReST-KV mode {mode!r}; allowed: after, before")
-        self.alpha, self.beta, self.kernel_size, self.mode = alpha, beta, kernel_size, mode
-        self.budget_prefix = None
+        if mode not in MODES:
+            raise ValueError(f"unknown ReST-KV mode {mode!r}; allowed: {', '.join(MODES)}")
+        if not 0.0 <= carry < 1.0:
+            raise ValueError(f"carry must be in [0, 1), got {carry}")
+        self.alpha, self.beta, self.kernel_size, self.mode, self.carry = alpha, beta, kernel_size, mode, carry
 
     def raw_scores(self, kv: LayerKV) -> tuple[torch.Tensor, torch.Tensor]:
-        """([H, P] raw per-query-head scores, [H, w, L] window attention)."""
+        """([H, P] raw per-query-head scores, [H, w, L] window attention) of a logical view."""
         h = kv.query.shape[0]
-        attn = scoring.window_attention(kv.query, kv.key, kv.query_positions(), kv.positions)
-        factor = kv.wo_factor if kv.wo_factor is not None else scoring.wo_factors(kv.o_proj_weight, h)
-        prefix = kv.length - self.window
-        if self.mode == "after":
-            raw = scoring.restkv_scores_from_attention(attn, kv.value, factor.to(attn.dtype), prefix, self.alpha)
+        attn = scoring.window_attention(kv.query, kv.key, query_positions=kv.query_positions(),
+                                        key_positions=kv.positions)
+        if kv.wo_factor is not None:
+            factor = kv.wo_factor.to(attn.dtype)
+        elif kv.o_proj_weight is not None:
+            factor = scoring.wo_factors(kv.o_proj_weight.to(attn.dtype), h)
         else:
-            v = scoring.expand_kv(kv.value.to(attn.dtype), h)
-            out = torch.einsum("hwl,hld->hwd", attn, v)
-            diff = out[:, :, None, :] - v[:, None, :prefix, :]
-            norms = torch.einsum("hij,hwpj->hwpi", factor.to(attn.dtype), diff).norm(dim=-1)
-            raw = scoring.ema(scoring._odds(attn[:, :, :prefix]) * norms, self.alpha, dim=1)
-        return raw, attn
+            raise ValueError("restkv needs o_proj_weight or wo_factor")
+        prefix = kv.length - self.window
+        score_fn = (scoring.restkv_scores_from_attention if self.mode == "after"
+                    else scoring.restkv_scores_before_from_attention)
+        return score_fn(attn, kv.value, factor, prefix, self.alpha), attn
 
-    def score(self, kv: LayerKV) -> torch.Tensor:
+    def prefix_scores(self, kv: LayerKV, n: int) -> torch.Tensor:
         raw, attn = self.raw_scores(kv)
-        n = self.budget_prefix if self.budget_prefix is not None else raw.shape[1]
         smoothed = scoring.adaptive_window_pool(raw, attn, n, self.beta, self.kernel_size)
-        return scoring.gqa_aggregate(smoothed, kv.key.shape[0], self.gqa_agg)
+        scores = scoring.gqa_aggregate(smoothed, kv.num_kv_heads, self.gqa_agg)
+        if self.carry > 0:
+            old = kv.carried("restkv_carry", float("nan"))
+            if old is not None:
+                old = old[:, : scores.shape[1]].to(scores.dtype)
+                scores = torch.where(old.isnan(), scores, (1 - self.carry) * scores + self.carry * old)
+            window = scores.new_full((kv.num_kv_heads, self.window), float("nan"))  # not scored this time
+            kv.store("restkv_pending", torch.cat([scores, window], dim=1))
+        return scores
 
-    def select(self, kv: LayerKV, budget: int) -> torch.Tensor:
-        self.budget_prefix = budget - self.window  # the AWS drift uses the n = C - w top keys
-        try:
-            return super().select(kv, budget)
-        finally:
-            self.budget_prefix = None
+    def after_select(self, kv: LayerKV, kept: torch.Tensor) -> None:
+        """The scores of this call become the carried ones (only the call that selected commits them)."""
+        if kv.state and "restkv_pending" in kv.state:
+            kv.state["restkv_carry"] = kv.state.pop("restkv_pending")
+        super().after_select(kv, kept)

@@ -1,4 +1,5 @@
-"""StreamingLLM: the first `sinks` tokens (attention sinks) plus the most recent ones; no scoring."""
+"""StreamingLLM: the first `sinks` logical positions (attention sinks) plus the most recent tokens; no scoring.
+Uses logical positions, so sinks and recency stay right after earlier evictions made positions non-contiguous."""
 
 from __future__ import annotations
 
@@ -15,9 +16,6 @@ class StreamingLLM(EvictionPolicy):
         super().__init__(window=window)
         self.sinks = sinks
 
-    def score(self, kv: LayerKV):
-        prefix = kv.length - self.window
-        positions = kv.positions[:, :prefix].to(torch.float64)
-        scores = positions.clone()  # recency
-        sink = kv.positions[:, :prefix] < self.sinks
-        return scores.masked_fill(sink, float("inf"))
+    def prefix_scores(self, kv: LayerKV, n: int) -> torch.Tensor:
+        positions = kv.positions[:, : kv.length - self.window]
+        return positions.to(torch.float64).masked_fill(positions < self.sinks, float("inf"))
