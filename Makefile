@@ -1,26 +1,39 @@
 # The two commands a new user needs (both set everything up first, if needed):
-#   make serve   serve SmolLM2-135M-Instruct with ReST-KV eviction on 127.0.0.1:$(PORT)
+#   make serve   serve the default moderator (SmolLM2-135M + insult head) with ReST-KV on 127.0.0.1:$(PORT):
+#                OpenAI-compatible POST /v1/moderations, vLLM's /classify, /metrics with our eviction metrics
 #   make test    run the whole test suite
+# Also: make serve-generate (SmolLM2-135M-Instruct, generate runner: /v1/completions, /v1/chat/completions and
+# /v1/moderations through a Yes/No prompt).
 VENV ?= .venv
 PORT ?= 8000
 POLICY ?= restkv
 BUDGET ?= 512
+CHUNK ?= 512
 KV_CACHE_GIB ?= 2
 MAX_MODEL_LEN ?= 8192
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
+# vLLM loads endpoint plugins only when VLLM_PLUGINS names them; once set it filters every plugin group
+PLUGINS ?= restkv,restkv_metrics,restkv_moderations
 
-.PHONY: setup models serve test clean-venv
+.PHONY: setup models serve serve-generate test clean-venv
 
 setup:
 	@./deploy/setup_env.sh
 
 models: setup
-	@$(VENV)/bin/vllm-restkv model prepare --name smollm2 >/dev/null
+	@$(VENV)/bin/vllm-restkv model prepare --name moderator >/dev/null
 
 serve: setup
+	MODEL_DIR=$$($(VENV)/bin/vllm-restkv model prepare --name moderator) && \
+	VLLM_PLUGINS=$(PLUGINS) VLLM_CPU_KVCACHE_SPACE=$(KV_CACHE_GIB) exec $(VENV)/bin/vllm serve "$$MODEL_DIR" --runner pooling \
+	  --served-model-name restkv-moderator --host 127.0.0.1 --port $(PORT) \
+	  --max-model-len $(MAX_MODEL_LEN) --max-num-batched-tokens $(CHUNK) --enforce-eager \
+	  --kv-eviction $(POLICY) --kv-eviction-budget $(BUDGET)
+
+serve-generate: setup
 	MODEL_DIR=$$($(VENV)/bin/vllm-restkv model prepare --name smollm2) && \
-	VLLM_CPU_KVCACHE_SPACE=$(KV_CACHE_GIB) exec $(VENV)/bin/vllm serve "$$MODEL_DIR" \
+	VLLM_PLUGINS=$(PLUGINS) VLLM_CPU_KVCACHE_SPACE=$(KV_CACHE_GIB) exec $(VENV)/bin/vllm serve "$$MODEL_DIR" \
 	  --served-model-name SmolLM2-135M-Instruct --host 127.0.0.1 --port $(PORT) \
 	  --max-model-len $(MAX_MODEL_LEN) --enforce-eager \
 	  --kv-eviction $(POLICY) --kv-eviction-budget $(BUDGET)

@@ -108,3 +108,39 @@ def test_bad_per_request_settings_get_400_and_harm_nobody(smollm2_server, xargs,
     good = httpx.post(url, json={"model": "m", "prompt": "The capital of France is", "max_tokens": 4,
                                  "temperature": 0, "vllm_xargs": {"kv_eviction_budget": 64}}, timeout=60)
     assert good.status_code == 200 and "Paris" in good.json()["choices"][0]["text"]
+
+
+def _metric_total(text: str, name: str, must: str = "") -> float:
+    total = 0.0
+    for line in text.splitlines():
+        m = re.match(rf"^{re.escape(name)}(\{{[^}}]*\}})?\s+(\S+)$", line)
+        if m and must in (m.group(1) or ""):
+            total += float(m.group(2))
+    return total
+
+
+def test_eviction_metrics_move_with_eviction_and_stay_flat_without(smollm2_server):
+    url = smollm2_server.url
+    prompt = "Tell me about the weather. " * 120  # ~720 tokens > budget 128
+    before = httpx.get(url + "/metrics").text
+    off = httpx.post(url + "/v1/completions", json={"model": "m", "prompt": prompt, "max_tokens": 4, "temperature": 0,
+                                                   "vllm_xargs": {"kv_eviction": "none"}}, timeout=120)
+    assert off.status_code == 200
+    flat = httpx.get(url + "/metrics").text
+    for name in ("restkv_evicted_tokens_total", "restkv_freed_blocks_total", "restkv_eviction_events_total"):
+        assert _metric_total(flat, name) == _metric_total(before, name), name
+    on = httpx.post(url + "/v1/completions", json={"model": "m", "prompt": prompt, "max_tokens": 70,
+                                                  "temperature": 0, "ignore_eos": True}, timeout=300)
+    assert on.status_code == 200
+    after = httpx.get(url + "/metrics").text
+    prefill = _metric_total(after, "restkv_eviction_events_total", 'phase="prefill"') - \
+        _metric_total(flat, "restkv_eviction_events_total", 'phase="prefill"')
+    decode = _metric_total(after, "restkv_eviction_events_total", 'phase="decode"') - \
+        _metric_total(flat, "restkv_eviction_events_total", 'phase="decode"')
+    assert prefill == 1 and decode >= 1, (prefill, decode)  # after prefill, then every 64 decode steps
+    evicted = _metric_total(after, "restkv_evicted_tokens_total") - _metric_total(flat, "restkv_evicted_tokens_total")
+    prompt_tokens = on.json()["usage"]["prompt_tokens"]
+    assert evicted >= prompt_tokens - 128, (evicted, prompt_tokens)
+    assert _metric_total(after, "restkv_freed_blocks_total") > _metric_total(flat, "restkv_freed_blocks_total")
+    assert 'restkv_build_info{' in after and 'policy="restkv"' in after
+    assert 'model_name="m"' in after

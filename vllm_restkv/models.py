@@ -38,7 +38,7 @@ TINY_SHAPE = {
     "rope_theta": 500000.0,
 }
 MANIFEST = "restkv-manifest.json"
-MODEL_NAMES = ("smollm2", "tiny")
+MODEL_NAMES = ("smollm2", "tiny", "moderator")
 
 
 def set_offline_env() -> None:
@@ -174,4 +174,8 @@ def prepare(name: str, root: Path | None = None, log=print) -> Path:
         return prepare_smollm2(root, log)
     if name == "tiny":
         return prepare_tiny(root, log)
+    if name == "moderator":
+        from vllm_restkv.moderator import prepare_moderator
+
+        return prepare_moderator(root, log)
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")

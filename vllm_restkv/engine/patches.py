@@ -3,6 +3,10 @@
 All of them were written against vLLM 0.32.0 (`vllm_restkv.version.SUPPORTED_VLLM_VERSION`); `register()` checks
 the version before `apply_all()` runs, and each patch checks that its target still exists, so a changed vLLM fails
 at start-up with the name of the missing function instead of misbehaving later.
+
+Besides the functions in PATCHES, two registrations: `add_scheduler_stats_field()` declares the field
+`SchedulerStats.restkv` (metrics transport), and `attention_registry.register_backends()` wraps the attention
+backends through vLLM's backend registry.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from vllm_restkv.config import KVEvictionConfig, KVEvictionConfigError, set_serv
 from vllm_restkv.engine import compatibility, worker_state
 from vllm_restkv.engine.scheduler_state import SchedulerEviction
 from vllm_restkv.engine.worker_state import REPORT_ATTR
+from vllm_restkv.metrics import STATS_FIELD
 
 try:
     from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT
@@ -132,6 +137,36 @@ def _wrap_update_from_output(original):
         return original(self, scheduler_output, model_runner_output)
 
     return update_from_output
+
+
+def _wrap_make_stats(original):
+    @functools.wraps(original)
+    def make_stats(self, *args, **kwargs):
+        stats = original(self, *args, **kwargs)
+        if stats is not None and getattr(self, "restkv", None) is not None:
+            setattr(stats, STATS_FIELD, self.restkv.drain_metrics())
+        return stats
+
+    return make_stats
+
+
+def add_scheduler_stats_field() -> None:
+    """Adds the optional field `restkv` (default None) to vllm.v1.metrics.stats.SchedulerStats.
+
+    SchedulerStats is what every engine core already sends to every API server with each step's outputs (msgpack;
+    the decoder builds dataclasses from their declared fields), so a declared field carries our metrics across
+    processes with no channel of our own. Must run in every process before vLLM builds its encoders/decoders,
+    which holds because vLLM loads general plugins first thing in each process.
+    """
+    from vllm.v1.metrics.stats import SchedulerStats
+
+    if STATS_FIELD in SchedulerStats.__dataclass_fields__:
+        return
+    field = dataclasses.field(default=None)
+    field.name, field.type, field._field_type = STATS_FIELD, "dict | None", dataclasses._FIELD
+    SchedulerStats.__dataclass_fields__[STATS_FIELD] = field
+    SchedulerStats.__annotations__[STATS_FIELD] = "dict | None"
+    setattr(SchedulerStats, STATS_FIELD, None)
 
 
 def _wrap_free_request_blocks(original):
@@ -263,6 +298,12 @@ PATCHES: list[Patch] = [
         "frees the tail blocks the worker compacted away, before vLLM processes the step's output",
     ),
     Patch(
+        "vllm.v1.core.sched.scheduler:Scheduler.make_stats",
+        _wrap_make_stats,
+        "puts the evictions since the last step and the token gauges into SchedulerStats.restkv for the API "
+        "server's stat logger (vllm_restkv.metrics); the field itself is added by add_scheduler_stats_field()",
+    ),
+    Patch(
         "vllm.v1.core.sched.scheduler:Scheduler._free_request_blocks",
         _wrap_free_request_blocks,
         "forgets E when a request finishes, is aborted or preempted (preemption recomputes from scratch)",
@@ -334,6 +375,9 @@ def apply_all() -> None:
         else:
             setattr(owner, attr, patch.make_wrapper(raw))
         _applied.add(patch.target)
+    if "SchedulerStats.restkv" not in _applied:
+        add_scheduler_stats_field()
+        _applied.add("SchedulerStats.restkv")
     if "attention-backends" not in _applied:
         from vllm_restkv.engine import attention_registry
 

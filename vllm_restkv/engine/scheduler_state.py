@@ -32,7 +32,8 @@ class EvictionStats:
     scoring_seconds: float = 0.0
     compaction_seconds: float = 0.0
     requests_evicted: int = 0
-    kept_ratios: list[float] = dataclasses.field(default_factory=list)  # since the last drain
+    kept_ratios: list[float] = dataclasses.field(default_factory=list)
+    pending: list[tuple] = dataclasses.field(default_factory=list)  # eviction records since the last drain
 
 
 class SchedulerEviction:
@@ -83,6 +84,20 @@ class SchedulerEviction:
         self.stats.scoring_seconds += s["scoring_seconds"]
         self.stats.compaction_seconds += s["compaction_seconds"]
         self.stats.kept_ratios.extend(s["kept_ratio"])
+        if self.scheduler.log_stats:  # else make_stats never drains them (--disable-log-stats)
+            self.stats.pending.extend(s.get("records", ()))
+        del self.stats.kept_ratios[:-10_000]  # bounded: only tests and the engine driver read these
+
+    def drain_metrics(self) -> dict:
+        """Eviction records since the last call plus current token gauges, for SchedulerStats (see metrics.py)."""
+        from vllm_restkv.metrics import drain_payload
+
+        records, self.stats.pending = self.stats.pending, []
+        live = [(rid, r) for rid, r in self.scheduler.requests.items() if rid in self.manager.req_to_blocks]
+        logical = sum(r.num_computed_tokens for _, r in live)
+        physical = sum(max(r.num_computed_tokens - self.evicted.get(rid, 0), 0) for rid, r in live)
+        evicting = sum(1 for rid, _ in live if self.evicted.get(rid, 0) > 0)
+        return drain_payload(records, physical, logical, evicting)
 
     def forget(self, req_id: str) -> None:
         self.evicted.pop(req_id, None)

@@ -293,7 +293,7 @@ class WorkerEviction:
             self._init_layers()
         report: dict[str, tuple[int, int]] = {}
         stats = {"evicted_tokens": 0, "freed_blocks": 0, "events": {}, "scoring_seconds": 0.0,
-                 "compaction_seconds": 0.0, "kept_ratio": []}
+                 "compaction_seconds": 0.0, "kept_ratio": [], "records": []}
         for item in self.plan:
             report[item.req_id] = self._evict(item, stats)
         self.plan = []
@@ -360,6 +360,9 @@ class WorkerEviction:
         stats["scoring_seconds"] += t_score
         stats["compaction_seconds"] += t_compact
         stats["kept_ratio"].append(kept_n / max(item.logical_end, 1))
+        # one record per eviction for the metrics (vllm_restkv.metrics.RECORD_FIELDS)
+        stats["records"].append((state.policy_name, item.phase, n - kept_n, len(block_list) - keep_blocks,
+                                 t_score, t_compact, kept_n / max(item.logical_end, 1)))
         return state.evicted, keep_blocks
 
 

