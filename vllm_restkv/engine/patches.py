@@ -246,6 +246,18 @@ def _wrap_compute_slot_mapping(original):
     return compute_slot_mapping
 
 
+def _wrap_pool(original):
+    @functools.wraps(original)
+    def _pool(self, *args, **kwargs):
+        state = getattr(self, "restkv", None)
+        if state is None:
+            return original(self, *args, **kwargs)
+        with state.logical_seq_lens():
+            return original(self, *args, **kwargs)
+
+    return _pool
+
+
 def _wrap_step_output(original):
     @functools.wraps(original)
     def step(self, *args, **kwargs):
@@ -327,6 +339,11 @@ PATCHES: list[Patch] = [
         "vllm.v1.worker.gpu_model_runner:GPUModelRunner._prepare_inputs",
         _wrap_prepare_inputs,
         "plans evictions and query capture; subtracts E from seq_lens after vLLM computed them",
+    ),
+    Patch(
+        "vllm.v1.worker.gpu_model_runner:GPUModelRunner._pool",
+        _wrap_pool,
+        "the pooler sees logical seq_lens: it marks a request finished when seq_len reaches the prompt length",
     ),
     Patch(
         "vllm.v1.worker.block_table:BlockTable.compute_slot_mapping",

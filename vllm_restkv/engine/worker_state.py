@@ -178,10 +178,13 @@ class WorkerEviction:
                 ring_idx.append(state.slot * w + pos % w)
                 physical_end = end - state.evicted
                 if physical_end > state.budget:
-                    num_prompt = runner.requests[req_id].num_prompt_tokens
+                    cached = runner.requests[req_id]
+                    num_prompt = cached.num_prompt_tokens
                     phase = None
                     if end < num_prompt:
                         phase = "prefill" if cfg.evict_during_prefill else None
+                    elif cached.pooling_params is not None:
+                        phase = None  # a pooling request ends with its last chunk: nothing left to make room for
                     elif computed < num_prompt:
                         phase = "prefill" if cfg.evict_after_prefill else None
                     elif cfg.decode_interval and physical_end - state.budget >= cfg.decode_interval:
@@ -215,6 +218,28 @@ class WorkerEviction:
         e = torch.from_numpy(offsets).to(runner.seq_lens.dtype)
         runner.optimistic_seq_lens_cpu[:n] -= e.to(runner.optimistic_seq_lens_cpu.dtype)
         runner.seq_lens[:n] -= e.to(runner.seq_lens.device)
+
+    def logical_seq_lens(self):
+        """Context manager: `optimistic_seq_lens_cpu` holds logical lengths inside it (the pooler compares them
+        with the prompt lengths to decide which requests finished their prefill)."""
+        import contextlib
+
+        offsets = getattr(self, "row_offsets", None)
+        if offsets is None or not offsets.any():
+            return contextlib.nullcontext()
+        lens = self.runner.optimistic_seq_lens_cpu
+        e = torch.from_numpy(offsets).to(lens.dtype)
+        n = len(offsets)
+
+        @contextlib.contextmanager
+        def restored():
+            lens[:n] += e
+            try:
+                yield
+            finally:
+                lens[:n] -= e
+
+        return restored()
 
     # ---------- during the forward ----------
     def _init_layers(self) -> None:
