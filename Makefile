@@ -16,10 +16,14 @@ export TRANSFORMERS_OFFLINE := 1
 # vLLM loads endpoint plugins only when VLLM_PLUGINS names them; once set it filters every plugin group
 PLUGINS ?= restkv,restkv_metrics,restkv_moderations
 
-.PHONY: setup models serve serve-generate test clean-venv
+.PHONY: setup test-tools models serve serve-generate test clean-venv
 
 setup:
 	@./deploy/setup_env.sh
+
+# Debian's prometheus package (a real Prometheus server and promtool are part of the tests)
+test-tools:
+	@./deploy/install_test_tools.sh
 
 models: setup
 	@$(VENV)/bin/vllm-restkv model prepare --name moderator >/dev/null
@@ -38,7 +42,7 @@ serve-generate: setup
 	  --max-model-len $(MAX_MODEL_LEN) --enforce-eager \
 	  --kv-eviction $(POLICY) --kv-eviction-budget $(BUDGET)
 
-test: setup
+test: setup test-tools
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 clean-venv:

@@ -1,6 +1,7 @@
 """Eviction settings: parsing, defaults and the errors users see for bad values."""
 
 import argparse
+import re
 
 import pytest
 
@@ -111,3 +112,23 @@ def test_cross_field_error_exits_with_message():
     with pytest.raises(SystemExit) as err:
         cli_args.merge_cli_args_into(_EngineArgs(), args)
     assert "budget 8 is smaller than the observation window 32" in str(err.value)
+
+
+def test_engine_args_made_safe_for_eviction_and_unsupported_features_refused():
+    from types import SimpleNamespace
+
+    from vllm_restkv.config import KVEvictionConfig, KVEvictionConfigError
+    from vllm_restkv.engine.compatibility import prepare_engine_args
+
+    config = KVEvictionConfig.from_value({"policy": "restkv", "budget": 256})
+    args = SimpleNamespace(enforce_eager=False, enable_prefix_caching=None, async_scheduling=None,
+                           pipeline_parallel_size=1, kv_cache_dtype="auto", speculative_config=None)
+    prepare_engine_args(args, config)
+    assert args.enforce_eager is True and args.enable_prefix_caching is False and args.async_scheduling is False
+    for field, value, fragment in (("enable_prefix_caching", True, "--enable-prefix-caching"),
+                                   ("async_scheduling", True, "--async-scheduling"),
+                                   ("pipeline_parallel_size", 2, "tensor parallelism"),
+                                   ("kv_cache_dtype", "fp8_e4m3", "--kv-cache-dtype auto")):
+        bad = SimpleNamespace(**{**vars(args), "enable_prefix_caching": None, field: value})
+        with pytest.raises(KVEvictionConfigError, match=re.escape(fragment)):
+            prepare_engine_args(bad, config)

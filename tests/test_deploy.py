@@ -10,6 +10,7 @@ import json
 import re
 import shutil
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -229,6 +230,26 @@ def test_service_and_servicemonitor_select_the_pods():
     assert mon["spec"]["endpoints"][0]["path"] == "/metrics"
 
 
+def _kubernetes_validate(*paths: Path) -> subprocess.CompletedProcess:
+    exe = Path(sys.executable).parent / "kubernetes-validate"
+    return subprocess.run([str(exe), "--strict", "--quiet", *map(str, paths)], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_manifests_pass_kubernetes_schema_validation(tmp_path):
+    """kubernetes-validate (PyPI) checks against the bundled OpenAPI schemas of Kubernetes 1.37, offline;
+    --strict rejects unknown fields. The Kustomization and the ServiceMonitor CRD have no bundled schema."""
+    core = [K8S / n for n in (*DEPLOYMENTS, "service.yaml", "secret-example.yaml")]
+    out = _kubernetes_validate(*core)
+    assert out.returncode == 0, out.stdout + out.stderr
+    bad = yaml.safe_load((K8S / "deployment-cpu.yaml").read_text())
+    bad["spec"]["replicas"] = "three"
+    bad["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]["httpGett"] = {"path": "/health"}
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(bad))
+    out = _kubernetes_validate(tmp_path / "bad.yaml")
+    assert out.returncode != 0 and "replicas" in out.stdout + out.stderr
+
+
 # ---------------------------------------------------------------- Docker
 
 
@@ -296,13 +317,21 @@ def test_alert_rules_use_known_metrics():
         assert used <= KNOWN_METRICS, f"{rule['alert']}: unknown {used - KNOWN_METRICS}"
 
 
-def test_promtool_check_when_available():
+def _promtool(*args: str) -> subprocess.CompletedProcess:
     promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool not on PATH (the structural checks above always run)")
+    assert promtool, "promtool is missing: run ./deploy/install_test_tools.sh (Debian's prometheus package)"
+    return subprocess.run([promtool, *args], capture_output=True, text=True, timeout=60)
+
+
+def test_promtool_accepts_our_config_and_rules(tmp_path):
     for args in (["check", "config", str(PROM / "prometheus.yml")], ["check", "rules", str(PROM / "alerts.yml")]):
-        out = subprocess.run([promtool, *args], capture_output=True, text=True, timeout=60)
+        out = _promtool(*args)
         assert out.returncode == 0, out.stdout + out.stderr
+    # and it is a real check: a broken expression in a copy of our rules is rejected
+    broken = yaml.safe_load((PROM / "alerts.yml").read_text())
+    broken["groups"][0]["rules"][0]["expr"] = "rate(restkv_evicted_tokens_total[5m]"
+    (tmp_path / "alerts.yml").write_text(yaml.safe_dump(broken))
+    assert _promtool("check", "rules", str(tmp_path / "alerts.yml")).returncode != 0
 
 
 # ---------------------------------------------------------------- Grafana

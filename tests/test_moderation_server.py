@@ -5,11 +5,14 @@ eviction during chunked prefill, --api-key), `/v1/moderations` through the offic
 from __future__ import annotations
 
 import re
+import shutil
+import subprocess
+import time
 
 import httpx
 import pytest
 
-from conftest import running_server, server_env
+from conftest import free_port, running_server, server_env
 from vllm_restkv.moderator import PROMPT_TEMPLATE, load_insults
 
 API_KEY = "test-key-123"
@@ -180,3 +183,82 @@ def test_long_input_beyond_the_context_is_scored_in_segments(server):
     assert r.status_code == 200, r.text
     info = r.json()["restkv"]["inputs"][0]
     assert info["segments"] >= 2 and info["input_tokens"] > 4096
+
+
+@pytest.fixture
+def prometheus(server, tmp_path):
+    """A real Prometheus server (Debian's package) on 127.0.0.1 scraping our server's /metrics every second."""
+    exe = shutil.which("prometheus")
+    assert exe, "prometheus is missing: run ./deploy/install_test_tools.sh (Debian's prometheus package)"
+    port = free_port()
+    target = server.url.removeprefix("http://")
+    (tmp_path / "prometheus.yml").write_text(
+        "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n"
+        f"scrape_configs:\n  - job_name: vllm-restkv\n    static_configs:\n      - targets: ['{target}']\n")
+    log = open(tmp_path / "prometheus.log", "w")
+    proc = subprocess.Popen([exe, f"--config.file={tmp_path / 'prometheus.yml'}",
+                             f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()[-3000:]
+            try:
+                if httpx.get(url + "/-/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.time() < deadline, "Prometheus did not become ready in 60 s"
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        log.close()
+
+
+def prom_query(url: str, query: str) -> list[dict]:
+    r = httpx.get(url + "/api/v1/query", params={"query": query}, timeout=10)
+    r.raise_for_status()
+    body = r.json()
+    assert body["status"] == "success", body
+    return body["data"]["result"]
+
+
+def wait_for(url: str, query: str, accept, timeout: float = 30) -> list[dict]:
+    deadline = time.time() + timeout
+    while True:
+        result = prom_query(url, query)
+        if result and accept(result):
+            return result
+        assert time.time() < deadline, f"{query}: {result}"
+        time.sleep(1)
+
+
+def test_real_prometheus_scrapes_our_metrics_after_traffic(server, prometheus):
+    wait_for(prometheus, 'up{job="vllm-restkv"}', lambda r: r[0]["value"][1] == "1")
+    (info,) = wait_for(prometheus, "restkv_build_info", lambda r: True)
+    assert info["metric"]["policy"] == "restkv" and info["metric"]["vllm_version"] == "0.32.0"
+    assert info["metric"]["budget"] == str(BUDGET) and info["metric"]["model_name"] == "m"
+
+    r = httpx.post(server.url + "/v1/moderations", json={"input": long_thread(1200, INSULTS[1])}, headers=headers(),
+                   timeout=300)
+    assert r.status_code == 200, r.text
+    # once idle, Prometheus's last scrape agrees with what the server exports now
+    server_evicted = total(httpx.get(server.url + "/metrics", timeout=30).text, "restkv_evicted_tokens_total")
+    assert server_evicted > 0
+    wait_for(prometheus, "sum(restkv_evicted_tokens_total)", lambda r: float(r[0]["value"][1]) == server_evicted)
+    freed = prom_query(prometheus, 'sum(restkv_freed_blocks_total{policy="restkv"})')
+    assert float(freed[0]["value"][1]) > 0
+    events = prom_query(prometheus, 'sum by (phase) (restkv_eviction_events_total)')
+    assert {e["metric"]["phase"] for e in events} >= {"prefill"}
+    (median,) = prom_query(prometheus, "histogram_quantile(0.5, sum by (le) (restkv_scoring_duration_seconds_bucket))")
+    assert 0 < float(median["value"][1]) < 60
+    (kept,) = prom_query(prometheus, "histogram_quantile(0.5, sum by (le) (restkv_kept_token_ratio_bucket))")
+    assert 0 < float(kept["value"][1]) < 1
+    (flagged,) = prom_query(prometheus, 'sum(restkv_moderation_results_total{outcome="flagged"})')
+    assert float(flagged["value"][1]) >= 1
+    # vLLM's own metrics arrive through the same scrape, and its KV usage is back to zero
+    (usage,) = prom_query(prometheus, "sum(vllm:kv_cache_usage_perc)")
+    assert float(usage["value"][1]) == 0.0

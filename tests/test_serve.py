@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import httpx
 import pytest
 
-from conftest import running_server, run_vllm
+from conftest import running_server, run_vllm, server_env
 
 pytestmark = pytest.mark.server
 
@@ -17,7 +18,9 @@ def smollm2_server(smollm2_model, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "server.log"
     args = ["--max-model-len", "2048", "--dtype", "bfloat16", "--kv-eviction", "restkv",
             "--kv-eviction-budget", "128"]
-    with running_server(smollm2_model, args, log) as server:
+    # VLLM_PLUGINS must name endpoint plugins for vLLM to load them (/v1/moderations)
+    env = server_env(VLLM_PLUGINS="restkv,restkv_metrics,restkv_moderations")
+    with running_server(smollm2_model, args, log, env=env) as server:
         yield server
 
 
@@ -144,3 +147,32 @@ def test_eviction_metrics_move_with_eviction_and_stay_flat_without(smollm2_serve
     assert _metric_total(after, "restkv_freed_blocks_total") > _metric_total(flat, "restkv_freed_blocks_total")
     assert 'restkv_build_info{' in after and 'policy="restkv"' in after
     assert 'model_name="m"' in after
+
+
+def test_moderations_with_a_generative_model_score_yes_against_no(smollm2_server, smollm2_model):
+    """Generate runner: /v1/moderations prompts the model with the default template and scores
+    P(Yes) / (P(Yes) + P(No)) from the first token's top log-probabilities; recomputed here from /v1/completions."""
+    from transformers import AutoTokenizer
+
+    from vllm_restkv.serving.moderations import DEFAULT_GENERATE
+
+    text = "You are a pathetic idiot and everybody laughs at you."
+    r = httpx.post(smollm2_server.url + "/v1/moderations", json={"input": [text, "Have a nice day!"]}, timeout=120)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "m" and len(body["results"]) == 2
+    score = body["results"][0]["category_scores"]["harassment"]
+    assert 0.0 < score < 1.0
+    assert body["results"][0]["flagged"] == (score >= DEFAULT_GENERATE["threshold"])
+    assert body["restkv"]["policy"] == "restkv"
+
+    tok = AutoTokenizer.from_pretrained(str(smollm2_model))
+    head, _, tail = DEFAULT_GENERATE["prompt_template"].partition("{text}")
+    ids = [tok(part, add_special_tokens=False)["input_ids"] for part in (head, text, tail)]
+    c = httpx.post(smollm2_server.url + "/v1/completions", timeout=120, json={
+        "model": "m", "prompt": ids[0] + ids[1] + ids[2], "max_tokens": 1, "temperature": 0, "logprobs": 20}).json()
+    top = c["choices"][0]["logprobs"]["top_logprobs"][0]
+    yes = sum(math.exp(lp) for t, lp in top.items() if t in DEFAULT_GENERATE["positive_tokens"])
+    no = sum(math.exp(lp) for t, lp in top.items() if t in DEFAULT_GENERATE["negative_tokens"])
+    assert yes + no > 0.05, top  # the template makes the model answer Yes or No
+    assert abs(score - yes / (yes + no)) < 1e-3

@@ -32,6 +32,11 @@ def prepare_engine_args(args: Any, config: KVEvictionConfig) -> None:
     if getattr(args, "async_scheduling", None) is True:
         refuse("--async-scheduling", "drop --async-scheduling (eviction frees blocks at step boundaries)")
     args.async_scheduling = False
+    if not getattr(args, "enforce_eager", False):
+        # The query capture and the seq_lens/slot-mapping changes run as Python around each step; they are verified
+        # in eager mode only (CUDA graphs would replay captured lengths; torch.compile on CPU was not tested).
+        logger.info("vllm-restkv: --enforce-eager is turned on because KV eviction (%s) is on", policy)
+        args.enforce_eager = True
     if int(getattr(args, "pipeline_parallel_size", 1) or 1) > 1:
         refuse("pipeline parallelism (--pipeline-parallel-size > 1)", "use tensor parallelism instead")
     kv_dtype = str(getattr(args, "kv_cache_dtype", "auto") or "auto")
