@@ -14,7 +14,6 @@ Names follow https://prometheus.io/docs/practices/naming (base units, `_total` c
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 from vllm_restkv.config import KVEvictionConfig
@@ -107,7 +106,6 @@ class RestKVStatLogger(AggregateStatLoggerBase):
             if self.config.enabled:
                 c["evicted_tokens"].labels(**labels, policy=self.config.policy)
                 c["freed_blocks"].labels(**labels, policy=self.config.policy)
-        self.last_record_time = time.monotonic()
 
     def record(self, scheduler_stats, iteration_stats, mm_cache_stats=None, engine_idx: int = 0):
         payload = getattr(scheduler_stats, STATS_FIELD, None) if scheduler_stats is not None else None

@@ -160,6 +160,16 @@ class Moderator:
                                f"after the moderation template ({reserve} tokens)")
         bos = self.tokenizer.bos_token_id if specials > 0 else None
         self.prefix = ([bos] if bos is not None else []) + self.head_ids
+        # vLLM's request classes, imported here so that a moved module fails at start-up, not per request
+        if self.runner == "pooling":
+            from vllm.entrypoints.pooling.classify.protocol import ClassificationCompletionRequest
+
+            self.request_class = ClassificationCompletionRequest
+        else:
+            from vllm.entrypoints.openai.completion.protocol import CompletionRequest
+            from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+            self.request_class, self.error_class = CompletionRequest, ErrorResponse
         if self.runner == "generate":
             self.positive = self._answer_ids(self.config["positive_tokens"])
             self.negative = self._answer_ids(self.config["negative_tokens"])
@@ -191,9 +201,7 @@ class Moderator:
 
     async def score(self, state, raw_request, prompts: list[list[int]], model: str) -> list[float]:
         if self.runner == "pooling":
-            from vllm.entrypoints.pooling.classify.protocol import ClassificationCompletionRequest
-
-            request = ClassificationCompletionRequest(model=model, input=prompts, add_special_tokens=False)
+            request = self.request_class(model=model, input=prompts, add_special_tokens=False)
             response = await state.serving_classification(request, raw_request)
             body = json.loads(response.body)
             if response.status_code != 200:
@@ -203,12 +211,9 @@ class Moderator:
             labels = self.config.get("labels", ["benign", "insult"])
             k = labels.index(label)
             return [float(item["probs"][k]) for item in sorted(body["data"], key=lambda d: d["index"])]
-        from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-        from vllm.entrypoints.openai.engine.protocol import ErrorResponse
-
-        request = CompletionRequest(model=model, prompt=prompts, max_tokens=1, temperature=0.0, logprobs=20)
+        request = self.request_class(model=model, prompt=prompts, max_tokens=1, temperature=0.0, logprobs=20)
         response = await state.openai_serving_completion.create_completion(request, raw_request)
-        if isinstance(response, ErrorResponse):
+        if isinstance(response, self.error_class):
             raise ModerationError(response.error.code, response.error.message, type_=response.error.type)
         scores = []
         for choice in sorted(response.choices, key=lambda c: c.index):
