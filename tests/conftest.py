@@ -111,3 +111,44 @@ def running_server(model: Path, args: list[str], log_path: Path, env: dict[str, 
 def run_vllm(args: list[str], timeout: float = 180, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """Run the `vllm` CLI to completion (for start-up failures and --help)."""
     return subprocess.run([VLLM, *args], capture_output=True, text=True, timeout=timeout, env=env or server_env())
+
+
+@contextlib.contextmanager
+def running_prometheus(targets: list[str], workdir: Path, scrape_interval: str = "1s"):
+    """A real Prometheus server (Debian's package) on 127.0.0.1 scraping `targets` (host:port); yields its URL."""
+    import shutil
+
+    import httpx
+
+    exe = shutil.which("prometheus")
+    assert exe, "prometheus is missing: run ./deploy/install_test_tools.sh (Debian's prometheus package)"
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    config = workdir / "prometheus.yml"
+    config.write_text(
+        f"global:\n  scrape_interval: {scrape_interval}\n  scrape_timeout: {scrape_interval}\n"
+        "scrape_configs:\n  - job_name: vllm-restkv\n    static_configs:\n"
+        f"      - targets: [{', '.join(repr(t) for t in targets)}]\n")
+    log_path = workdir / "prometheus.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen([exe, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
+                             f"--web.listen-address=127.0.0.1:{port}"],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 60
+        while True:
+            assert proc.poll() is None, log_path.read_text()[-3000:]
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(url + "/-/ready", timeout=2).status_code == 200:
+                    break
+            assert time.time() < deadline, "Prometheus did not become ready in 60 s"
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()

@@ -3,7 +3,8 @@
 Used by the engine tests as a subprocess: `python tests/engine_driver.py '<json spec>'`. In-process mode gives
 access to the scheduler's block pool, so tests can check the allocator's own free-block count per step.
 Spec keys: model, kv_eviction (dict or None), llm (extra LLM kwargs), prompts (list of token-id lists or strings),
-max_tokens, extra_args (list, per prompt, or None), logprobs (int), abort_after_steps (optional).
+max_tokens, extra_args (list, per prompt, or None), logprobs (int), abort_after_steps (optional), one_at_a_time
+(run the prompts one after another instead of as one batch).
 """
 
 from __future__ import annotations
@@ -61,7 +62,10 @@ def main(spec: dict) -> dict:
     import time
 
     started = time.perf_counter()
-    outputs = llm.generate(prompts, params, use_tqdm=False)
+    if spec.get("one_at_a_time"):
+        outputs = [llm.generate([p], [sp], use_tqdm=False)[0] for p, sp in zip(prompts, params)]
+    else:
+        outputs = llm.generate(prompts, params, use_tqdm=False)
     generate_seconds = time.perf_counter() - started
     restkv = getattr(scheduler, "restkv", None)
     result = {

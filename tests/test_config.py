@@ -132,3 +132,29 @@ def test_engine_args_made_safe_for_eviction_and_unsupported_features_refused():
         bad = SimpleNamespace(**{**vars(args), "enable_prefix_caching": None, field: value})
         with pytest.raises(KVEvictionConfigError, match=re.escape(fragment)):
             prepare_engine_args(bad, config)
+
+
+@pytest.mark.parametrize("xargs, fragment", [
+    ({"kv_eviction_budget": -1}, "smaller than the observation window"),
+    ({"kv_eviction_budget": 10**30}, "larger than"),
+    ({"kv_eviction_budget": "abc"}, "must be an integer"),
+    ({"kv_eviction_budget": True}, "must be an integer"),
+    ({"kv_eviction": "bogus"}, "unknown policy"),
+    ({"kv_eviction": None}, "unknown policy"),
+    ({"kv_eviction_bugdet": 64}, "unknown key 'kv_eviction_bugdet'"),
+])
+def test_bad_request_settings_are_refused(xargs, fragment):
+    from vllm_restkv.config import validate_request_args
+
+    server = KVEvictionConfig.from_value({"policy": "restkv", "budget": 256})
+    with pytest.raises(KVEvictionConfigError, match=re.escape(fragment)):
+        validate_request_args(xargs, server)
+
+
+def test_good_and_foreign_request_settings_pass():
+    from vllm_restkv.config import validate_request_args
+
+    server = KVEvictionConfig.from_value({"policy": "restkv", "budget": 256})
+    for xargs in ({"kv_eviction_budget": 64}, {"kv_eviction": "none"}, {"kv_eviction": " SnapKV "},
+                  {"other_plugin_key": 1}, None):
+        validate_request_args(xargs, server)

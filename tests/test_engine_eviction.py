@@ -169,3 +169,21 @@ def test_mixed_batch_with_per_request_settings(tiny_model):
     assert len(ratios) == 2  # the "none" request was never evicted
     assert abs(ratios[0] - 64 / 900) < 1e-9 and abs(ratios[1] - 256 / 900) < 1e-9
     assert result["final_free_blocks"] == result["idle_free_blocks"]
+
+
+def test_eviction_points_and_outputs_do_not_depend_on_load(tiny_model):
+    """Three evicting requests of different lengths run as one batch and one at a time: under load the scheduler
+    would cut prefill chunks elsewhere, but chunks of evicting requests end at multiples of the chunk size, so
+    they are evicted at the same positions, keep the same tokens and generate the same output."""
+    spec = {"model": str(tiny_model), "prompts": [prompt_ids(700 + 230 * i, seed=50 + i) for i in range(3)],
+            "max_tokens": 16, "kv_eviction": {"policy": "restkv", "budget": 128},
+            "extra_args": [None, {"kv_eviction": "snapkv"}, {"kv_eviction_budget": 200}],
+            "llm": {"max_num_batched_tokens": 256, "max_num_seqs": 8}}
+    together = run_engine(spec)
+    alone = run_engine({**spec, "one_at_a_time": True})
+    assert together["max_running"] >= 2  # they did share steps
+    assert together["stats"]["events"] == alone["stats"]["events"]
+    assert together["stats"]["evicted_tokens"] == alone["stats"]["evicted_tokens"]
+    assert together["tokens"] == alone["tokens"]
+    for result in (together, alone):
+        assert result["final_free_blocks"] == result["idle_free_blocks"]

@@ -5,14 +5,12 @@ eviction during chunked prefill, --api-key), `/v1/moderations` through the offic
 from __future__ import annotations
 
 import re
-import shutil
-import subprocess
 import time
 
 import httpx
 import pytest
 
-from conftest import free_port, running_server, server_env
+from conftest import running_prometheus, running_server, server_env
 from vllm_restkv.moderator import PROMPT_TEMPLATE, load_insults
 
 API_KEY = "test-key-123"
@@ -187,35 +185,8 @@ def test_long_input_beyond_the_context_is_scored_in_segments(server):
 
 @pytest.fixture
 def prometheus(server, tmp_path):
-    """A real Prometheus server (Debian's package) on 127.0.0.1 scraping our server's /metrics every second."""
-    exe = shutil.which("prometheus")
-    assert exe, "prometheus is missing: run ./deploy/install_test_tools.sh (Debian's prometheus package)"
-    port = free_port()
-    target = server.url.removeprefix("http://")
-    (tmp_path / "prometheus.yml").write_text(
-        "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n"
-        f"scrape_configs:\n  - job_name: vllm-restkv\n    static_configs:\n      - targets: ['{target}']\n")
-    log = open(tmp_path / "prometheus.log", "w")
-    proc = subprocess.Popen([exe, f"--config.file={tmp_path / 'prometheus.yml'}",
-                             f"--storage.tsdb.path={tmp_path / 'data'}", f"--web.listen-address=127.0.0.1:{port}"],
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 60
-        while True:
-            assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()[-3000:]
-            try:
-                if httpx.get(url + "/-/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "Prometheus did not become ready in 60 s"
-            time.sleep(0.5)
+    with running_prometheus([server.url.removeprefix("http://")], tmp_path / "prometheus") as url:
         yield url
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-        log.close()
 
 
 def prom_query(url: str, query: str) -> list[dict]:
@@ -262,3 +233,26 @@ def test_real_prometheus_scrapes_our_metrics_after_traffic(server, prometheus):
     # vLLM's own metrics arrive through the same scrape, and its KV usage is back to zero
     (usage,) = prom_query(prometheus, "sum(vllm:kv_cache_usage_perc)")
     assert float(usage["value"][1]) == 0.0
+
+
+def test_metrics_add_up_across_several_api_servers(moderator_model, tmp_path):
+    """--api-server-count 2: each step's numbers reach exactly one API server and vLLM's multiprocess Prometheus
+    mode sums them, so /metrics (from either server) counts every eviction exactly once."""
+    args = ["--runner", "pooling", "--max-model-len", "4096", "--max-num-batched-tokens", str(CHUNK),
+            "--kv-eviction", "restkv", "--kv-eviction-budget", str(BUDGET), "--api-server-count", "2"]
+    with running_server(moderator_model, args, tmp_path / "serve.log", env=server_env(VLLM_PLUGINS=PLUGINS)) as s:
+        expected_events, n = 0, 6
+        for i in range(n):  # one at a time, so chunk boundaries (and with them the events) are deterministic
+            r = httpx.post(s.url + "/v1/moderations", json={"input": long_thread(700 + 150 * i, INSULTS[i % 3])},
+                           timeout=300)
+            assert r.status_code == 200, r.text
+            prompt_tokens = r.json()["restkv"]["inputs"][0]["prompt_tokens"]
+            expected_events += -(-prompt_tokens // CHUNK) - 1  # every chunk boundary; none after the last chunk
+        pids = {m for m in re.findall(r"APIServer pid=(\d+)", s.output())}
+        assert len(pids) >= 2, "expected two API server processes"
+        time.sleep(2)  # stats of the last step arrive with the next engine output or the periodic log
+        text = httpx.get(s.url + "/metrics", timeout=30).text
+        assert total(text, "restkv_eviction_events_total") == expected_events
+        assert total(text, "restkv_kept_token_ratio_count") == expected_events
+        assert total(text, "restkv_moderation_results_total") == n
+        assert total(text, "restkv_physical_tokens") == 0.0

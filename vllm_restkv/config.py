@@ -110,6 +110,8 @@ class KVEvictionConfig:
                 f"the window is always kept, so the budget must be at least {self.window} tokens "
                 f"(or lower the window with window=<n>)"
             )
+        if self.budget > MAX_BUDGET:
+            raise KVEvictionConfigError(f"kv_eviction: budget {self.budget} is larger than {MAX_BUDGET}")
         if self.decode_interval < 0:
             raise KVEvictionConfigError(
                 f"kv_eviction: decode_interval must be >= 0 (0 = no eviction during decode), got {self.decode_interval}"
@@ -163,6 +165,7 @@ def _coerce(name: str, value: Any, kind: type) -> Any:
 
 
 REQUEST_KEYS = ("kv_eviction", "kv_eviction_budget")
+MAX_BUDGET = 2**31 - 1  # token counts are int32 in vLLM's tensors; anything larger is a mistake
 # Set in each process that builds an engine config (the API server, `LLM(...)`), so requests can be checked there.
 _server_config: KVEvictionConfig | None = None
 
@@ -174,7 +177,15 @@ def set_server_config(config: KVEvictionConfig) -> None:
 
 def validate_request_args(extra_args: Mapping[str, Any] | None, server: KVEvictionConfig | None = None) -> None:
     """Per-request settings from `vllm_xargs` (`extra_args`): raise KVEvictionConfigError (answered with 400)."""
-    if not extra_args or not any(k in extra_args for k in REQUEST_KEYS):
+    if not extra_args:
+        return
+    # vllm_xargs is shared with other extensions, so only keys in our namespace are checked; a misspelt one of
+    # ours must not be ignored silently
+    for key in extra_args:
+        if isinstance(key, str) and key.startswith("kv_evict") and key not in REQUEST_KEYS:
+            raise KVEvictionConfigError(
+                f"vllm_xargs: unknown key {key!r}; the per-request eviction keys are {', '.join(REQUEST_KEYS)}")
+    if not any(k in extra_args for k in REQUEST_KEYS):
         return
     server = server or _server_config or KVEvictionConfig()
     policy = extra_args.get("kv_eviction", server.policy)
@@ -198,3 +209,5 @@ def validate_request_args(extra_args: Mapping[str, Any] | None, server: KVEvicti
             raise KVEvictionConfigError(
                 f"vllm_xargs.kv_eviction_budget {budget} is smaller than the observation window {server.window}"
             )
+        if budget > MAX_BUDGET:
+            raise KVEvictionConfigError(f"vllm_xargs.kv_eviction_budget {budget} is larger than {MAX_BUDGET}")

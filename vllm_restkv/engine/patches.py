@@ -169,6 +169,17 @@ def add_scheduler_stats_field() -> None:
     setattr(SchedulerStats, STATS_FIELD, None)
 
 
+def _wrap_reserve_prefill_lookahead(original):
+    @functools.wraps(original)
+    def _reserve_prefill_lookahead(self, request, num_computed_tokens, num_new_tokens):
+        num_new_tokens = original(self, request, num_computed_tokens, num_new_tokens)
+        if num_new_tokens > 0 and getattr(self, "restkv", None) is not None:
+            num_new_tokens = self.restkv.align_chunk(request, num_computed_tokens, num_new_tokens)
+        return num_new_tokens
+
+    return _reserve_prefill_lookahead
+
+
 def _wrap_free_request_blocks(original):
     @functools.wraps(original)
     def _free_request_blocks(self, request):
@@ -314,6 +325,12 @@ PATCHES: list[Patch] = [
         _wrap_make_stats,
         "puts the evictions since the last step and the token gauges into SchedulerStats.restkv for the API "
         "server's stat logger (vllm_restkv.metrics); the field itself is added by add_scheduler_stats_field()",
+    ),
+    Patch(
+        "vllm.v1.core.sched.scheduler:Scheduler._reserve_prefill_lookahead",
+        _wrap_reserve_prefill_lookahead,
+        "the last word on a prefill chunk's size before blocks are allocated (running and waiting requests): "
+        "evicting requests' chunks end at multiples of the chunk size, so eviction points do not depend on load",
     ),
     Patch(
         "vllm.v1.core.sched.scheduler:Scheduler._free_request_blocks",

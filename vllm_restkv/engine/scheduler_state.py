@@ -17,7 +17,8 @@ import dataclasses
 import logging
 from typing import Any
 
-from vllm_restkv.config import KVEvictionConfig
+from vllm_restkv.config import NO_EVICTION, KVEvictionConfig
+from vllm_restkv.engine.worker_state import prefill_stride, request_overrides
 
 logger = logging.getLogger("vllm.restkv")
 
@@ -55,6 +56,7 @@ class SchedulerEviction:
         self.manager = managers[0]
         self.manager.restkv_evicted = self.evicted
         self.block_pool = scheduler.kv_cache_manager.block_pool
+        self.prefill_stride = prefill_stride(scheduler.scheduler_config)
         logger.info("vllm-restkv: KV eviction on in the scheduler: %s", config.to_dict())
 
     def apply_report(self, report: dict) -> None:
@@ -98,6 +100,16 @@ class SchedulerEviction:
         physical = sum(max(r.num_computed_tokens - self.evicted.get(rid, 0), 0) for rid, r in live)
         evicting = sum(1 for rid, _ in live if self.evicted.get(rid, 0) > 0)
         return drain_payload(records, physical, logical, evicting)
+
+    def align_chunk(self, request: Any, num_computed_tokens: int, num_new_tokens: int) -> int:
+        """Cut an evicting request's prefill chunk at the next multiple of the stride (see prefill_stride)."""
+        if not self.config.evict_during_prefill or num_computed_tokens + num_new_tokens >= request.num_tokens:
+            return num_new_tokens  # a decode step, or the chunk that ends the prefill
+        if request.sampling_params is not None:
+            if request_overrides(request.sampling_params, self.config)[0] == NO_EVICTION:
+                return num_new_tokens
+        boundary = (num_computed_tokens // self.prefill_stride + 1) * self.prefill_stride
+        return min(num_new_tokens, boundary - num_computed_tokens)
 
     def forget(self, req_id: str) -> None:
         self.evicted.pop(req_id, None)

@@ -87,10 +87,17 @@ def request_overrides(sampling_params: Any, config: KVEvictionConfig) -> tuple[s
     if not config.allow_request_override:
         return policy, budget
     if "kv_eviction" in extra:
-        policy = str(extra["kv_eviction"])
+        policy = str(extra["kv_eviction"]).strip().lower()
     if "kv_eviction_budget" in extra:
         budget = int(extra["kv_eviction_budget"])
     return policy, budget
+
+
+def prefill_stride(scheduler_config: Any) -> int:
+    """Prompts are evicted at multiples of this many tokens (and at their end): the chunked-prefill chunk size.
+    The scheduler never lets an evicting request's chunk cross such a multiple (scheduler_state.align_chunk), so
+    under load a chunk may be shorter, but eviction points stay where they would be on an idle server."""
+    return max(int(scheduler_config.max_num_batched_tokens), 1)
 
 
 class WorkerEviction:
@@ -98,6 +105,7 @@ class WorkerEviction:
         self.runner = runner
         self.config = config
         self.window = config.window
+        self.prefill_stride = prefill_stride(runner.scheduler_config)
         self.requests: dict[str, RequestState] = {}
         self.free_slots: list[int] = []
         self.next_slot = 0
@@ -182,7 +190,10 @@ class WorkerEviction:
                     num_prompt = cached.num_prompt_tokens
                     phase = None
                     if end < num_prompt:
-                        phase = "prefill" if cfg.evict_during_prefill else None
+                        # only at multiples of the chunk size (the scheduler aligns chunks to them), so that
+                        # where a prompt is evicted never depends on what else was scheduled with it
+                        aligned = end % self.prefill_stride == 0
+                        phase = "prefill" if cfg.evict_during_prefill and aligned else None
                     elif cached.pooling_params is not None:
                         phase = None  # a pooling request ends with its last chunk: nothing left to make room for
                     elif computed < num_prompt:
