@@ -103,11 +103,12 @@ class SchedulerEviction:
 
     def align_chunk(self, request: Any, num_computed_tokens: int, num_new_tokens: int) -> int:
         """Cut an evicting request's prefill chunk at the next multiple of the stride (see prefill_stride)."""
-        if not self.config.evict_during_prefill or num_computed_tokens + num_new_tokens >= request.num_tokens:
-            return num_new_tokens  # a decode step, or the chunk that ends the prefill
+        if not self.config.evict_during_prefill:
+            return num_new_tokens
         if request.sampling_params is not None:
             if request_overrides(request.sampling_params, self.config)[0] == NO_EVICTION:
                 return num_new_tokens
+        # a decode step (one token) never crosses a multiple; the last chunk of a prompt must not either
         boundary = (num_computed_tokens // self.prefill_stride + 1) * self.prefill_stride
         return min(num_new_tokens, boundary - num_computed_tokens)
 
