@@ -123,6 +123,9 @@ def _wrap_scheduler_init(original):
     def __init__(self, *args, **kwargs):
         original(self, *args, **kwargs)
         config = KVEvictionConfig.from_vllm_config(self.vllm_config)
+        # The engine core decodes every request's SamplingParams again, which re-runs _verify_extra_args: it must
+        # check against this server's settings here too (else a valid per-request policy kills the input thread)
+        set_server_config(config)
         self.restkv = SchedulerEviction(self, config) if config.enabled else None
 
     return __init__
