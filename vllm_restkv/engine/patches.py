@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import importlib
 from collections.abc import Callable
+import logging
 from typing import Any
 
 from vllm_restkv import cli_args
@@ -28,6 +29,9 @@ try:
     from vllm.v1.outputs import EMPTY_MODEL_RUNNER_OUTPUT
 except ImportError:  # checked by the version guard; keeps this module importable for the error message
     EMPTY_MODEL_RUNNER_OUTPUT = None
+
+
+logger = logging.getLogger("vllm.restkv")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,6 +131,12 @@ def _wrap_scheduler_init(original):
         # check against this server's settings here too (else a valid per-request policy kills the input thread)
         set_server_config(config)
         self.restkv = SchedulerEviction(self, config) if config.enabled else None
+        if config.enabled and getattr(self, "scheduler_reserve_full_isl", False):
+            # vLLM admits a new request only when its whole prompt fits in the free blocks; an evicting request
+            # never holds more than budget + one chunk, so admit by chunk (requests without eviction may then be
+            # preempted and recomputed instead of waiting, vLLM's behaviour before that check existed)
+            self.scheduler_reserve_full_isl = False
+            logger.info("vllm-restkv: requests are admitted by chunk, not by full prompt length (KV eviction on)")
 
     return __init__
 
@@ -316,7 +326,8 @@ PATCHES: list[Patch] = [
     Patch(
         "vllm.v1.core.sched.scheduler:Scheduler.__init__",
         _wrap_scheduler_init,
-        "creates the scheduler-side eviction state (E per request, stats)",
+        "creates the scheduler-side eviction state (E per request, stats); admits requests by chunk instead of "
+        "by full prompt length (scheduler_reserve_full_isl), since evicting requests never hold their full prompt",
     ),
     Patch(
         "vllm.v1.core.sched.scheduler:Scheduler.update_from_output",

@@ -254,6 +254,8 @@ async def _handle(raw_request: Request) -> Any:
         body = json.loads(await raw_request.body())
     except (ValueError, UnicodeDecodeError) as e:
         raise ModerationError(400, f"the request body is not valid JSON: {e}") from e
+    except RecursionError:
+        raise ModerationError(400, "the request body is nested too deeply") from None
     texts, model = parse_inputs(body)
     state = raw_request.app.state
     moderator: Moderator | None = getattr(state, "restkv_moderator", None)
