@@ -248,7 +248,7 @@ def test_metrics_add_up_across_several_api_servers(moderator_model, tmp_path):
             assert r.status_code == 200, r.text
             prompt_tokens = r.json()["restkv"]["inputs"][0]["prompt_tokens"]
             expected_events += -(-prompt_tokens // CHUNK) - 1  # every chunk boundary; none after the last chunk
-        pids = {m for m in re.findall(r"APIServer pid=(\d+)", s.output())}
+        pids = set(re.findall(r"ApiServer_(\d+)", s.output()))
         assert len(pids) >= 2, "expected two API server processes"
         time.sleep(2)  # stats of the last step arrive with the next engine output or the periodic log
         text = httpx.get(s.url + "/metrics", timeout=30).text
