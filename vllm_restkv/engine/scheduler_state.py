@@ -114,10 +114,3 @@ class SchedulerEviction:
 
     def forget(self, req_id: str) -> None:
         self.evicted.pop(req_id, None)
-
-    def physical_tokens(self) -> int:
-        return sum(
-            max(r.num_computed_tokens - self.evicted.get(rid, 0), 0)
-            for rid, r in self.scheduler.requests.items()
-            if rid in self.manager.req_to_blocks
-        )

@@ -18,6 +18,7 @@ new tokens append), so the newest `window` tokens are the last `window` slots.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -230,27 +231,21 @@ class WorkerEviction:
         runner.optimistic_seq_lens_cpu[:n] -= e.to(runner.optimistic_seq_lens_cpu.dtype)
         runner.seq_lens[:n] -= e.to(runner.seq_lens.device)
 
+    @contextlib.contextmanager
     def logical_seq_lens(self):
-        """Context manager: `optimistic_seq_lens_cpu` holds logical lengths inside it (the pooler compares them
-        with the prompt lengths to decide which requests finished their prefill)."""
-        import contextlib
-
+        """`optimistic_seq_lens_cpu` holds logical lengths inside this block (the pooler compares them with the
+        prompt lengths to decide which requests finished their prefill)."""
         offsets = getattr(self, "row_offsets", None)
         if offsets is None or not offsets.any():
-            return contextlib.nullcontext()
+            yield
+            return
         lens = self.runner.optimistic_seq_lens_cpu
         e = torch.from_numpy(offsets).to(lens.dtype)
-        n = len(offsets)
-
-        @contextlib.contextmanager
-        def restored():
-            lens[:n] += e
-            try:
-                yield
-            finally:
-                lens[:n] -= e
-
-        return restored()
+        lens[: len(offsets)] += e
+        try:
+            yield
+        finally:
+            lens[: len(offsets)] -= e
 
     # ---------- during the forward ----------
     def _init_layers(self) -> None:
