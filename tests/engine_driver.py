@@ -4,7 +4,8 @@ Used by the engine tests as a subprocess: `python tests/engine_driver.py '<json 
 access to the scheduler's block pool, so tests can check the allocator's own free-block count per step.
 Spec keys: model, kv_eviction (dict or None), llm (extra LLM kwargs), prompts (list of token-id lists or strings),
 max_tokens, extra_args (list, per prompt, or None), logprobs (int), abort_after_steps (optional), one_at_a_time
-(run the prompts one after another instead of as one batch).
+(run the prompts one after another instead of as one batch), params (list, per prompt: SamplingParams keyword
+arguments over the defaults), top_logprobs (return every position's top-`logprobs` distribution as [id, logprob] pairs).
 """
 
 from __future__ import annotations
@@ -54,10 +55,12 @@ def main(spec: dict) -> dict:
     scheduler._preempt_request = counting_preempt
     prompts = [p if isinstance(p, str) else {"prompt_token_ids": p} for p in spec["prompts"]]
     extra = spec.get("extra_args") or [None] * len(prompts)
+    per_prompt = spec.get("params") or [{}] * len(prompts)
     params = [
-        SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 16), logprobs=spec.get("logprobs", 1),
-                       ignore_eos=spec.get("ignore_eos", True), extra_args=e)
-        for e in extra
+        SamplingParams(**{"temperature": 0.0, "max_tokens": spec.get("max_tokens", 16),
+                          "logprobs": spec.get("logprobs", 1), "ignore_eos": spec.get("ignore_eos", True),
+                          "extra_args": e, **p})
+        for e, p in zip(extra, per_prompt)
     ]
     import time
 
@@ -72,6 +75,8 @@ def main(spec: dict) -> dict:
         "tokens": [o.outputs[0].token_ids for o in outputs],
         "texts": [o.outputs[0].text for o in outputs],
         "logprobs": [[lp[t].logprob for lp, t in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)] for o in outputs],
+        "top_logprobs": [[[[t, lp.logprob] for t, lp in pos.items()] for pos in o.outputs[0].logprobs]
+                         for o in outputs] if spec.get("top_logprobs") else None,
         "idle_free_blocks": idle_free,
         "final_free_blocks": pool.get_num_free_blocks(),
         "num_gpu_blocks": scheduler.kv_cache_config.num_blocks,

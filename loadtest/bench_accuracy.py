@@ -1,0 +1,235 @@
+"""Accuracy harness: what each eviction policy changes, against the full cache, through the real vLLM engine.
+
+    .venv/bin/python loadtest/bench_accuracy.py --data .cache/bench/modthreads --out docs/bench/accuracy.json
+        [--model smollm2] [--policies restkv snapkv h2o tova streamingllm random] [--budgets 64 128 256 512 1024]
+        [--chunk 512]
+
+For every item of a `restkv-modthreads` data set (loadtest/make_dataset.py) it runs the prompt once with the full
+cache (vanilla vLLM: eviction off in the engine) and once per policy x budget (one engine per policy; the budget is
+set per request through `vllm_xargs`), with chunked prefill of `--chunk` tokens, so eviction runs at chunk
+boundaries as it does when serving. Budgets at or above an item's length are skipped (nothing to evict).
+
+Measured per policy x budget x length, against the full cache:
+- threads (moderation prompt of /v1/moderations' generate mode): P(flagged) = P(Yes) / (P(Yes) + P(No)) of the
+  next token; verdict agreement with the full cache (threshold: the full cache's median P over all threads, so that
+  verdicts are balanced; a 135M model's raw P(Yes) is not calibrated), mean |delta P|, AUROC and recall against the
+  true labels (secondary: small models are weak detectors);
+- threads and needles: next-token KL(full || evicted) over the full cache's top-`--top-k` tokens plus one bucket for
+  the remaining mass (a token missing from the evicted top-k gets the evicted distribution's smallest listed
+  probability: an upper bound for an unlisted token);
+- needles: retrieval accuracy (the password appears in the greedy answer).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+DRIVER = REPO / "tests" / "engine_driver.py"
+POSITIVE = (" Yes", "Yes", " yes")
+NEGATIVE = (" No", "No", " no")
+NEEDLE_TOKENS = 8
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def run_driver(spec: dict, timeout: float = 7200) -> dict:
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(spec, f)
+    try:
+        proc = subprocess.run([sys.executable, str(DRIVER), "@" + f.name], capture_output=True, text=True,
+                              timeout=timeout)
+    finally:
+        Path(f.name).unlink()
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT_JSON ")]
+    if proc.returncode != 0 or not lines:
+        raise RuntimeError(f"engine run failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(lines[-1][len("RESULT_JSON "):])
+
+
+def p_flagged(top: list[list], yes_ids: set[int], no_ids: set[int]) -> float:
+    probs = {int(t): math.exp(lp) for t, lp in top}
+    floor = min(probs.values())  # an unlisted token has at most the smallest listed probability
+    p_yes = sum(probs[t] for t in yes_ids if t in probs) or floor
+    p_no = sum(probs[t] for t in no_ids if t in probs) or floor
+    return p_yes / (p_yes + p_no)
+
+
+def kl_top(full: list[list], evicted: list[list]) -> float:
+    """KL(full || evicted) over full's listed tokens plus one bucket for the rest."""
+    p = {int(t): math.exp(lp) for t, lp in full}
+    q = {int(t): math.exp(lp) for t, lp in evicted}
+    q_floor = min(q.values())
+    kl, q_listed = 0.0, 0.0
+    for t, pt in p.items():
+        qt = q.get(t, q_floor)
+        q_listed += qt
+        kl += pt * (math.log(pt) - math.log(qt))
+    rest_p = max(1.0 - sum(p.values()), 0.0)
+    rest_q = max(1.0 - q_listed, 1e-12)
+    if rest_p > 0:
+        kl += rest_p * (math.log(rest_p) - math.log(rest_q))
+    return max(kl, 0.0)
+
+
+def engine_spec(model: Path, items: list[dict], extra: list[dict | None], kv_eviction: dict | None, args) -> dict:
+    return {
+        "model": str(model), "dtype": args.dtype, "max_model_len": max(i["prompt_tokens"] for i in items) + 64,
+        "prompts": [i["prompt"] for i in items], "extra_args": extra, "logprobs": args.top_k, "top_logprobs": True,
+        "params": [{"max_tokens": 1 if i["kind"] == "thread" else NEEDLE_TOKENS, "ignore_eos": False} for i in items],
+        "kv_eviction": kv_eviction,
+        "llm": {"max_num_batched_tokens": args.chunk, "max_logprobs": args.top_k, "max_num_seqs": args.max_num_seqs,
+                "num_gpu_blocks_override": args.kv_blocks},
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, required=True, help="a data set directory from loadtest/make_dataset.py")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--model", default="smollm2", help="smollm2, tiny, or a model directory")
+    p.add_argument("--policies", nargs="+", default=["restkv", "snapkv", "h2o", "tova", "streamingllm", "random"])
+    p.add_argument("--budgets", nargs="+", type=int, default=[64, 128, 256, 512, 1024])
+    p.add_argument("--chunk", type=int, default=512, help="max_num_batched_tokens (chunked prefill size)")
+    p.add_argument("--top-k", type=int, default=100, help="logprobs per position used for KL and P(flagged)")
+    p.add_argument("--max-num-seqs", type=int, default=32)
+    p.add_argument("--kv-blocks", type=int, default=None, help="KV cache size in blocks (default: vLLM's)")
+    p.add_argument("--dtype", default="bfloat16")
+    args = p.parse_args()
+    result = measure(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print_table(result)
+    log(f"-> {args.out}")
+    return 0
+
+
+def measure(args) -> dict:
+    from vllm_restkv.benchdata import load_dataset
+    from vllm_restkv.models import MODEL_NAMES, prepare
+
+    manifest, items = load_dataset(args.data)
+    model = prepare(args.model, log=log) if args.model in MODEL_NAMES else Path(args.model)
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(model))
+    ids_of = lambda words: {tokenizer.encode(w, add_special_tokens=False)[0] for w in words}  # noqa: E731
+    yes_ids, no_ids = ids_of(POSITIVE), ids_of(NEGATIVE)
+    started = time.time()
+    runs = 1 + len(args.policies)
+    log(f"{len(items)} items; full cache, then {len(args.policies)} policies x budgets {args.budgets}")
+    full = run_driver(engine_spec(model, items, None, None, args))
+    log(f"[1/{runs}] full cache done ({time.time() - started:.0f} s)")
+    reference = [{"top": full["top_logprobs"][k][0], "text": full["texts"][k]} for k in range(len(items))]
+
+    requests = []  # (item index, policy, budget)
+    for policy in args.policies:
+        for budget in args.budgets:
+            for k, item in enumerate(items):
+                if budget < item["prompt_tokens"]:
+                    requests.append((k, policy, budget))
+    raw = []
+    for n, policy in enumerate(args.policies, start=2):
+        mine = [r for r in requests if r[1] == policy]
+        t0 = time.time()
+        out = run_driver(engine_spec(
+            model, [items[k] for k, _, _ in mine],
+            [{"kv_eviction": policy, "kv_eviction_budget": b} for _, _, b in mine],
+            {"policy": policy, "budget": max(args.budgets)}, args))
+        for j, (k, _, budget) in enumerate(mine):
+            raw.append({"item": k, "policy": policy, "budget": budget, "top": out["top_logprobs"][j][0],
+                        "text": out["texts"][j]})
+        per_run = (time.time() - started) / n
+        log(f"[{n}/{runs}] {policy}: {len(mine)} requests in {time.time() - t0:.0f} s "
+            f"(about {per_run * (runs - n) / 60:.1f} min left)")
+
+    thread_scores = [p_flagged(reference[k]["top"], yes_ids, no_ids) for k, i in enumerate(items) if i["kind"] == "thread"]
+    threshold = statistics.median(thread_scores) if thread_scores else 0.5
+    per_item = []
+    for k, item in enumerate(items):
+        ref = reference[k]
+        per_item.append({"id": item["id"], "kind": item["kind"], "label": item.get("label"),
+                         "length": item["target_tokens"], "prompt_tokens": item["prompt_tokens"],
+                         "p_full": p_flagged(ref["top"], yes_ids, no_ids) if item["kind"] == "thread" else None,
+                         "needle_full": (item["answer"].lower() in ref["text"].lower()) if item["kind"] == "needle" else None})
+    rows = [summarise("none", None, None, [(items[k], per_item[k], None) for k in range(len(items))], threshold)]
+    for policy in args.policies:
+        for budget in args.budgets:
+            for length in sorted({i["target_tokens"] for i in items}):
+                group = []
+                for r in raw:
+                    item = items[r["item"]]
+                    if r["policy"] != policy or r["budget"] != budget or item["target_tokens"] != length:
+                        continue
+                    ref = reference[r["item"]]
+                    measured = {"kl": kl_top(ref["top"], r["top"])}
+                    if item["kind"] == "thread":
+                        measured["p"] = p_flagged(r["top"], yes_ids, no_ids)
+                    else:
+                        measured["needle"] = item["answer"].lower() in r["text"].lower()
+                    group.append((item, per_item[r["item"]], measured))
+                if group:
+                    rows.append(summarise(policy, budget, length, group, threshold))
+    for length in sorted({i["target_tokens"] for i in items}):
+        rows.append(summarise("none", None, length, [(items[k], per_item[k], None) for k in range(len(items))
+                                                     if items[k]["target_tokens"] == length], threshold))
+    return {"date": time.strftime("%Y-%m-%d"), "command": "python " + " ".join(sys.argv), "model": str(model.name),
+            "data": {"name": manifest["name"], "version": manifest["version"], "params": manifest["params"],
+                     "sha256": manifest["items_jsonl_sha256"]},
+            "chunk": args.chunk, "top_k": args.top_k, "threshold": threshold,
+            "seconds": time.time() - started, "rows": rows, "items": per_item,
+            "raw": [{k: v for k, v in r.items() if k != "top"} for r in raw]}
+
+
+def summarise(policy: str, budget: int | None, length: int | None, group: list, threshold: float) -> dict:
+    from vllm_restkv.moderator import auroc
+
+    threads = [(item, ref, m) for item, ref, m in group if item["kind"] == "thread"]
+    needles = [(item, ref, m) for item, ref, m in group if item["kind"] == "needle"]
+    full = policy == "none"
+    scores = [ref["p_full"] if full else m["p"] for _, ref, m in threads]
+    labels = [item["label"] for item, _, _ in threads]
+    row = {"policy": policy, "budget": budget, "length": length, "threads": len(threads), "needles": len(needles),
+           "compression": (statistics.mean(i["prompt_tokens"] for i, _, _ in group) / budget) if budget else 1.0}
+    if threads:
+        flags = [s >= threshold for s in scores]
+        full_flags = [ref["p_full"] >= threshold for _, ref, _ in threads]
+        row["agreement"] = sum(a == b for a, b in zip(flags, full_flags)) / len(threads)
+        row["mean_abs_dp"] = statistics.mean(abs(s - ref["p_full"]) for s, (_, ref, _) in zip(scores, threads))
+        row["auroc"] = auroc(scores, labels) if 0 < sum(labels) < len(labels) else None
+        row["recall"] = sum(f for f, y in zip(flags, labels) if y) / max(sum(labels), 1)
+    row["kl"] = 0.0 if full else statistics.mean(m["kl"] for _, _, m in group)
+    if needles:
+        row["needle_accuracy"] = statistics.mean(
+            float(ref["needle_full"] if full else m["needle"]) for _, ref, m in needles)
+    return row
+
+
+def print_table(result: dict) -> None:
+    print(f"{result['data']['name']} v{result['data']['version']}, model {result['model']}, chunk {result['chunk']}, "
+          f"verdict threshold {result['threshold']:.3f} (full-cache median)")
+    print("| policy | budget | length | compression | agreement | mean abs dP | KL | needle acc | AUROC |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in result["rows"]:
+        if r["length"] is None and r["policy"] != "none":
+            continue
+        f = lambda key, fmt: (fmt.format(r[key]) if r.get(key) is not None else "-")  # noqa: E731
+        print(f"| {r['policy']} | {r['budget'] or 'full'} | {r['length'] or 'all'} | {r['compression']:.1f}x | "
+              f"{f('agreement', '{:.3f}')} | {f('mean_abs_dp', '{:.4f}')} | {f('kl', '{:.4f}')} | "
+              f"{f('needle_accuracy', '{:.2f}')} | {f('auroc', '{:.3f}')} |")
+    print(f"\ncommand: {result['command']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

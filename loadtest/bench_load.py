@@ -1,0 +1,286 @@
+"""Load test: long moderation requests against real `vllm serve` processes, one per policy, same KV cache size.
+
+    .venv/bin/python loadtest/bench_load.py --model tiny --policies none restkv snapkv h2o tova streamingllm \
+        --budgets 256 --kv-blocks 64 --prompt-tokens 2048 --concurrency 4 16 64 --requests 48 --max-tokens 1 32 \
+        --out docs/bench/load-tiny.json
+
+Every server gets the same KV cache (`--num-gpu-blocks-override`), the same chunked-prefill size, the same
+`--max-num-seqs`, prefix caching off (the prompts repeat across cells; a cache hit would flatter `none`) and
+`--enforce-eager`. Budgets are swept per request (`vllm_xargs.kv_eviction_budget`) on one server per policy. The
+prompts are `restkv-modthreads` threads (real held-out comments, loadtest/make_dataset.py's builder) of
+`--prompt-tokens` tokens wrapped in the moderation prompt; every request asks for exactly `max_tokens` tokens
+(`ignore_eos`). A closed-loop client (an `httpx` async client, streaming `/v1/completions`) keeps `concurrency`
+requests in flight, or with `--rate`, requests arrive as a Poisson process.
+
+Per cell (policy x budget x max_tokens x concurrency): requests/s, output and total tokens/s, TTFT and TPOT
+percentiles, the most requests running at once and the mean/peak KV-cache usage (from vLLM's own /metrics, polled
+every 0.25 s), preemptions, and the server's peak memory (RSS of the whole process tree).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+import httpx  # noqa: E402
+
+from tests.conftest import running_server, server_env  # noqa: E402
+
+PLUGINS = "restkv,restkv_metrics"
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    s = sorted(values)
+    k = (len(s) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def metric(text: str, name: str) -> float:
+    """Sum of a Prometheus metric's samples (over label sets) in /metrics text."""
+    total = 0.0
+    for m in re.finditer(rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$", text, re.M):
+        total += float(m.group(1))
+    return total
+
+
+def tree_rss(pid: int) -> int:
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+class Sampler:
+    """Polls /metrics and the server's memory while a cell runs."""
+
+    def __init__(self, url: str, pid: int):
+        self.url, self.pid = url, pid
+        self.running, self.waiting, self.kv, self.rss = [], [], [], []
+
+    async def run(self, client: httpx.AsyncClient, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                text = (await client.get(self.url + "/metrics", timeout=5)).text
+                self.running.append(metric(text, "vllm:num_requests_running"))
+                self.waiting.append(metric(text, "vllm:num_requests_waiting"))
+                self.kv.append(metric(text, "vllm:kv_cache_usage_perc"))
+            except httpx.HTTPError:
+                pass
+            self.rss.append(await asyncio.to_thread(tree_rss, self.pid))
+            try:
+                await asyncio.wait_for(stop.wait(), 0.25)
+            except asyncio.TimeoutError:
+                pass
+
+
+async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_tokens: int, xargs: dict | None) -> dict:
+    body = {"model": "m", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    if xargs:
+        body["vllm_xargs"] = xargs
+    start = time.perf_counter()
+    first, usage = None, None
+    async with client.stream("POST", url + "/v1/completions", json=body, timeout=3600) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:500]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("choices") and first is None:
+                first = time.perf_counter()
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+    end = time.perf_counter()
+    out = usage["completion_tokens"] if usage else max_tokens
+    ttft = (first or end) - start
+    return {"ttft": ttft, "latency": end - start, "output_tokens": out,
+            "prompt_tokens": usage["prompt_tokens"] if usage else None,
+            "tpot": (end - first) / (out - 1) if first and out > 1 else None}
+
+
+async def run_cell(url: str, pid: int, prompts: list[str], n: int, concurrency: int, rate: float | None,
+                   max_tokens: int, xargs: dict | None) -> dict:
+    limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
+    async with httpx.AsyncClient(limits=limits) as client:
+        before = (await client.get(url + "/metrics")).text
+        sampler, stop = Sampler(url, pid), asyncio.Event()
+        sampling = asyncio.create_task(sampler.run(client, stop))
+        queue = list(range(n))
+        results = []
+        started = time.perf_counter()
+
+        async def worker():
+            while queue:
+                i = queue.pop(0)
+                results.append(await one_request(client, url, prompts[i % len(prompts)], max_tokens, xargs))
+
+        if rate:
+            rng = random.Random(0)
+            tasks = []
+            for i in range(n):
+                tasks.append(asyncio.create_task(one_request(client, url, prompts[i % len(prompts)], max_tokens, xargs)))
+                await asyncio.sleep(rng.expovariate(rate))
+            results = await asyncio.gather(*tasks)
+        else:
+            await asyncio.gather(*(worker() for _ in range(concurrency)))
+        wall = time.perf_counter() - started
+        stop.set()
+        await sampling
+        after = (await client.get(url + "/metrics")).text
+    ttft = [r["ttft"] for r in results]
+    tpot = [r["tpot"] for r in results if r["tpot"] is not None]
+    out_tokens = sum(r["output_tokens"] for r in results)
+    prompt_tokens = sum(r["prompt_tokens"] or 0 for r in results)
+    return {
+        "requests": n, "seconds": wall, "req_s": n / wall, "output_tok_s": out_tokens / wall,
+        "total_tok_s": (out_tokens + prompt_tokens) / wall, "mean_prompt_tokens": prompt_tokens / n,
+        **{f"ttft_p{q}": percentile(ttft, q / 100) for q in (50, 90, 99)},
+        **{f"tpot_p{q}": percentile(tpot, q / 100) for q in (50, 90, 99)},
+        "max_running": max(sampler.running or [0]), "mean_running": statistics.mean(sampler.running or [0]),
+        "max_waiting": max(sampler.waiting or [0]),
+        "mean_kv_usage": statistics.mean(sampler.kv or [0]), "max_kv_usage": max(sampler.kv or [0]),
+        "preemptions": metric(after, "vllm:num_preemptions_total") - metric(before, "vllm:num_preemptions_total"),
+        "evicted_tokens": metric(after, "restkv_evicted_tokens_total")
+        - metric(before, "restkv_evicted_tokens_total"),
+        "peak_rss_gib": max(sampler.rss or [0]) / 2**30,
+    }
+
+
+def build_prompts(n: int, tokens: int, seed: int) -> list[str]:
+    from vllm_restkv.benchdata import build_dataset
+    from vllm_restkv.models import prepare_smollm2, set_offline_env
+
+    set_offline_env()
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(prepare_smollm2(log=log)))
+    items = build_dataset(tokenizer, split="test", lengths=[tokens], threads_per_length=n, needles_per_length=0,
+                          seed=seed)
+    return [i["prompt"] for i in items]
+
+
+def serve_args(args, policy: str) -> list[str]:
+    out = ["--num-gpu-blocks-override", str(args.kv_blocks), "--max-num-batched-tokens", str(args.chunk),
+           "--max-num-seqs", str(args.max_num_seqs), "--max-model-len", str(args.prompt_tokens + 256 + max(args.max_tokens)),
+           "--no-enable-prefix-caching", "--dtype", args.dtype, "--kv-eviction", policy, *args.serve_args]
+    if policy != "none":
+        out += ["--kv-eviction-budget", str(max(args.budgets))]
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="tiny", help="tiny, smollm2, or a model directory")
+    p.add_argument("--policies", nargs="+", default=["none", "restkv", "snapkv", "h2o", "tova", "streamingllm"])
+    p.add_argument("--budgets", nargs="+", type=int, default=[256])
+    p.add_argument("--kv-blocks", type=int, default=64, help="KV cache size in blocks, the same for every server")
+    p.add_argument("--chunk", type=int, default=512, help="--max-num-batched-tokens")
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--prompt-tokens", type=int, default=2048)
+    p.add_argument("--prompts", type=int, default=32, help="distinct prompts (reused round-robin)")
+    p.add_argument("--concurrency", nargs="+", type=int, default=[4, 16, 64])
+    p.add_argument("--rate", nargs="+", type=float, default=None, help="Poisson arrival rates (req/s) instead")
+    p.add_argument("--requests", type=int, default=48, help="requests per cell")
+    p.add_argument("--max-tokens", nargs="+", type=int, default=[1, 32])
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--serve-args", nargs=argparse.REMAINDER, default=[], help="more `vllm serve` arguments")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args()
+    result = measure(args)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1) + "\n")
+    print_table(result)
+    log(f"-> {args.out}")
+    return 0
+
+
+def measure(args) -> dict:
+    from vllm_restkv.models import MODEL_NAMES, prepare
+
+    model = prepare(args.model, log=log) if args.model in MODEL_NAMES else Path(args.model)
+    prompts = build_prompts(args.prompts, args.prompt_tokens, args.seed)
+    loads = [("rate", r) for r in args.rate] if args.rate else [("concurrency", c) for c in args.concurrency]
+    log_dir = REPO / ".cache" / "bench-load"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    cells_total = sum((1 if pol == "none" else len(args.budgets)) for pol in args.policies) * len(args.max_tokens) * len(loads)
+    done, started, cells = 0, time.time(), []
+    server_info = {}
+    for policy in args.policies:
+        with running_server(model, serve_args(args, policy), log_dir / f"serve-{policy}.log",
+                            env=server_env(VLLM_PLUGINS=PLUGINS)) as server:
+            info = httpx.get(server.url + "/metrics").text
+            m = re.search(r'vllm:cache_config_info\{([^}]*)\}', info)
+            if m:
+                labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+                server_info = {k: labels.get(k) for k in ("block_size", "num_gpu_blocks", "cache_dtype")}
+            asyncio.run(run_cell(server.url, server.proc.pid, prompts, 2, 2, None, 2, None))  # warm-up
+            for budget in ([None] if policy == "none" else args.budgets):
+                xargs = {"kv_eviction_budget": budget} if budget else None
+                for max_tokens in args.max_tokens:
+                    for kind, level in loads:
+                        cell = asyncio.run(run_cell(
+                            server.url, server.proc.pid, prompts, args.requests,
+                            level if kind == "concurrency" else 10_000, level if kind == "rate" else None,
+                            max_tokens, xargs))
+                        cell.update({"policy": policy, "budget": budget, "max_tokens": max_tokens, kind: level})
+                        cells.append(cell)
+                        done += 1
+                        left = (time.time() - started) / done * (cells_total - done)
+                        log(f"[{done}/{cells_total}] {policy} budget={budget} max_tokens={max_tokens} {kind}={level}: "
+                            f"{cell['req_s']:.2f} req/s, max running {cell['max_running']:.0f}, "
+                            f"TTFT p50 {cell['ttft_p50']:.2f} s (about {left / 60:.1f} min left)")
+    return {"date": time.strftime("%Y-%m-%d"), "command": "python " + " ".join(sys.argv), "model": model.name,
+            "kv_blocks": args.kv_blocks, "server": server_info, "chunk": args.chunk, "max_num_seqs": args.max_num_seqs,
+            "prompt_tokens": args.prompt_tokens, "requests_per_cell": args.requests, "load": loads[0][0],
+            "seconds": time.time() - started, "cells": cells}
+
+
+def print_table(result: dict) -> None:
+    key = result["load"]
+    print(f"model {result['model']}, KV cache {result['kv_blocks']} blocks ({result['server']}), prompts of "
+          f"{result['prompt_tokens']} tokens, chunk {result['chunk']}, {result['requests_per_cell']} requests per cell")
+    print(f"| policy | budget | max_tokens | {key} | req/s | vs none | out tok/s | TTFT p50 (s) | TTFT p99 (s) | "
+          f"TPOT p50 (ms) | max running | peak KV use | preemptions | peak RSS (GiB) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    base = {(c["max_tokens"], c[key]): c["req_s"] for c in result["cells"] if c["policy"] == "none"}
+    for c in result["cells"]:
+        ratio = c["req_s"] / base[(c["max_tokens"], c[key])] if (c["max_tokens"], c[key]) in base else None
+        tpot = f"{c['tpot_p50'] * 1000:.0f}" if c["tpot_p50"] is not None else "-"
+        print(f"| {c['policy']} | {c['budget'] or '-'} | {c['max_tokens']} | {c[key]:g} | {c['req_s']:.2f} | "
+              f"{f'{ratio:.2f}x' if ratio else '-'} | {c['output_tok_s']:.1f} | {c['ttft_p50']:.2f} | "
+              f"{c['ttft_p99']:.2f} | {tpot} | {c['max_running']:.0f} | {c['max_kv_usage']:.0%} | "
+              f"{c['preemptions']:.0f} | {c['peak_rss_gib']:.2f} |")
+    print(f"\ncommand: {result['command']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
