@@ -16,7 +16,7 @@ export TRANSFORMERS_OFFLINE := 1
 # vLLM loads endpoint plugins only when VLLM_PLUGINS names them; once set it filters every plugin group
 PLUGINS ?= restkv,restkv_metrics,restkv_moderations
 
-.PHONY: setup test-tools models serve serve-generate test clean-venv
+.PHONY: setup test-tools models serve serve-generate test bench clean-venv
 
 setup:
 	@./deploy/setup_env.sh
@@ -44,6 +44,11 @@ serve-generate: setup
 
 test: setup test-tools
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# The long-context moderation benchmark (issue #5): data set, accuracy, load tests, docs/benchmarks.md + plots
+# (about 65 min on 2 CPU cores; BENCH_ARGS="--preset ci" for a few minutes)
+bench: setup
+	$(VENV)/bin/python loadtest/run_benchmark.py $(BENCH_ARGS)
 
 clean-venv:
 	rm -rf $(VENV)

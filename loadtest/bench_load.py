@@ -187,8 +187,11 @@ def build_prompts(n: int, tokens: int, seed: int) -> list[str]:
     return [i["prompt"] for i in items]
 
 
-def serve_args(args, policy: str) -> list[str]:
-    out = ["--num-gpu-blocks-override", str(args.kv_blocks), "--max-num-batched-tokens", str(args.chunk),
+def serve_args(args, policy: str, model: Path) -> list[str]:
+    from vllm_restkv.models import is_dummy_shape
+
+    out = ["--load-format", "dummy"] if is_dummy_shape(model) else []
+    out += ["--num-gpu-blocks-override", str(args.kv_blocks), "--max-num-batched-tokens", str(args.chunk),
            "--max-num-seqs", str(args.max_num_seqs), "--max-model-len", str(args.prompt_tokens + 256 + max(args.max_tokens)),
            "--no-enable-prefix-caching", "--dtype", args.dtype, "--kv-eviction", policy, *args.serve_args]
     if policy != "none":
@@ -212,6 +215,9 @@ def main() -> int:
     p.add_argument("--max-tokens", nargs="+", type=int, default=[1, 32])
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--serve-args", nargs=argparse.REMAINDER, default=[], help="more `vllm serve` arguments")
+    p.add_argument("--one-server", action="store_true",
+                   help="one server (eviction on) for all policies, chosen per request through vllm_xargs: saves "
+                        "start-ups on a GPU; `none` then means eviction off for that request, not vanilla vLLM")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
@@ -234,8 +240,10 @@ def measure(args) -> dict:
     cells_total = sum((1 if pol == "none" else len(args.budgets)) for pol in args.policies) * len(args.max_tokens) * len(loads)
     done, started, cells = 0, time.time(), []
     server_info = {}
-    for policy in args.policies:
-        with running_server(model, serve_args(args, policy), log_dir / f"serve-{policy}.log",
+    # one server per policy; or with --one-server a single server where each request names its policy
+    groups = [("restkv", args.policies)] if args.one_server else [(policy, [policy]) for policy in args.policies]
+    for server_policy, policies in groups:
+        with running_server(model, serve_args(args, server_policy, model), log_dir / f"serve-{server_policy}.log",
                             env=server_env(VLLM_PLUGINS=PLUGINS)) as server:
             info = httpx.get(server.url + "/metrics").text
             m = re.search(r'vllm:cache_config_info\{([^}]*)\}', info)
@@ -243,24 +251,28 @@ def measure(args) -> dict:
                 labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
                 server_info = {k: labels.get(k) for k in ("block_size", "num_gpu_blocks", "cache_dtype")}
             asyncio.run(run_cell(server.url, server.proc.pid, prompts, 2, 2, None, 2, None))  # warm-up
-            for budget in ([None] if policy == "none" else args.budgets):
-                xargs = {"kv_eviction_budget": budget} if budget else None
-                for max_tokens in args.max_tokens:
-                    for kind, level in loads:
-                        cell = asyncio.run(run_cell(
-                            server.url, server.proc.pid, prompts, args.requests,
-                            level if kind == "concurrency" else 10_000, level if kind == "rate" else None,
-                            max_tokens, xargs))
-                        cell.update({"policy": policy, "budget": budget, "max_tokens": max_tokens, kind: level})
-                        cells.append(cell)
-                        done += 1
-                        left = (time.time() - started) / done * (cells_total - done)
-                        log(f"[{done}/{cells_total}] {policy} budget={budget} max_tokens={max_tokens} {kind}={level}: "
-                            f"{cell['req_s']:.2f} req/s, max running {cell['max_running']:.0f}, "
-                            f"TTFT p50 {cell['ttft_p50']:.2f} s (about {left / 60:.1f} min left)")
+            for policy in policies:
+                for budget in ([None] if policy == "none" else args.budgets):
+                    xargs = {"kv_eviction_budget": budget} if budget else None
+                    if args.one_server:
+                        xargs = {"kv_eviction": policy, **(xargs or {})}
+                    for max_tokens in args.max_tokens:
+                        for kind, level in loads:
+                            cell = asyncio.run(run_cell(
+                                server.url, server.proc.pid, prompts, args.requests,
+                                level if kind == "concurrency" else 10_000, level if kind == "rate" else None,
+                                max_tokens, xargs))
+                            cell.update({"policy": policy, "budget": budget, "max_tokens": max_tokens, kind: level})
+                            cells.append(cell)
+                            done += 1
+                            left = (time.time() - started) / done * (cells_total - done)
+                            log(f"[{done}/{cells_total}] {policy} budget={budget} max_tokens={max_tokens} "
+                                f"{kind}={level}: {cell['req_s']:.2f} req/s, max running {cell['max_running']:.0f}, "
+                                f"TTFT p50 {cell['ttft_p50']:.2f} s (about {left / 60:.1f} min left)")
     return {"date": time.strftime("%Y-%m-%d"), "command": "python " + " ".join(sys.argv), "model": model.name,
             "kv_blocks": args.kv_blocks, "server": server_info, "chunk": args.chunk, "max_num_seqs": args.max_num_seqs,
             "prompt_tokens": args.prompt_tokens, "requests_per_cell": args.requests, "load": loads[0][0],
+            "one_server": args.one_server,
             "seconds": time.time() - started, "cells": cells}
 
 

@@ -37,8 +37,21 @@ TINY_SHAPE = {
     "max_position_embeddings": 32768,
     "rope_theta": 500000.0,
 }
+# Shapes for throughput/memory runs with vLLM's dummy weights (`--load-format dummy`): what a 7B/13B model costs
+# does not depend on its weights' values. Real Llama-2 dimensions, except the vocabulary: SmolLM2's tokenizer
+# (49,152 tokens instead of 32,000) so that text prompts work offline; that adds 0.14B/0.18B embedding parameters
+# and changes nothing in the KV cache. `llama2-small` keeps Llama-2's attention layout (MHA, head size 128) at a
+# size a CPU can run.
+SHAPES = {
+    "llama2-7b": {"num_hidden_layers": 32, "hidden_size": 4096, "intermediate_size": 11008,
+                  "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 32768},
+    "llama2-13b": {"num_hidden_layers": 40, "hidden_size": 5120, "intermediate_size": 13824,
+                   "num_attention_heads": 40, "num_key_value_heads": 40, "max_position_embeddings": 32768},
+    "llama2-small": {"num_hidden_layers": 4, "hidden_size": 2048, "intermediate_size": 5504,
+                     "num_attention_heads": 16, "num_key_value_heads": 16, "max_position_embeddings": 32768},
+}
 MANIFEST = "restkv-manifest.json"
-MODEL_NAMES = ("smollm2", "tiny", "moderator")
+MODEL_NAMES = ("smollm2", "tiny", "moderator", *SHAPES)
 
 
 def set_offline_env() -> None:
@@ -169,6 +182,40 @@ def prepare_tiny(root: Path | None = None, log=print) -> Path:
     return out
 
 
+def prepare_shape(name: str, root: Path | None = None, log=print) -> Path:
+    """config.json + SmolLM2's tokenizer, no weights: serve with `--load-format dummy`."""
+    root = root or cache_dir()
+    out = root / f"{name}-dummy"
+    shape = SHAPES[name]
+    try:
+        if all(json.loads((out / "config.json").read_text()).get(k) == v for k, v in shape.items()):
+            return out
+    except (OSError, ValueError):
+        pass
+    tokenizer_source = prepare_smollm2(root, log)
+    set_offline_env()
+    from transformers import AutoTokenizer, LlamaConfig
+
+    log(f"writing the {name} shape (dummy weights) -> {out} ...")
+    tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_source))
+    source_config = json.loads((tokenizer_source / "config.json").read_text())
+    config = LlamaConfig(vocab_size=source_config["vocab_size"], bos_token_id=source_config.get("bos_token_id"),
+                         eos_token_id=source_config.get("eos_token_id"), rms_norm_eps=1e-5, rope_theta=10000.0,
+                         tie_word_embeddings=False, **shape)
+    config.architectures = ["LlamaForCausalLM"]
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    config.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def is_dummy_shape(name_or_path) -> bool:
+    return str(name_or_path) in SHAPES or Path(str(name_or_path)).name.endswith("-dummy")
+
+
 def prepare(name: str, root: Path | None = None, log=print) -> Path:
     if name == "smollm2":
         return prepare_smollm2(root, log)
@@ -178,4 +225,6 @@ def prepare(name: str, root: Path | None = None, log=print) -> Path:
         from vllm_restkv.moderator import prepare_moderator
 
         return prepare_moderator(root, log)
+    if name in SHAPES:
+        return prepare_shape(name, root, log)
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")

@@ -1,0 +1,290 @@
+"""Report generator: turns bench_accuracy.py and bench_load.py results into Markdown tables and plots.
+
+    .venv/bin/python loadtest/report.py --accuracy docs/bench/accuracy.json --load docs/bench/load-tiny.json \
+        [--load docs/bench/load-smollm2.json] --markdown docs/benchmarks.md --plots docs/bench
+
+The section it writes sits between `<!-- BEGIN modthreads-benchmark -->` and `<!-- END modthreads-benchmark -->`
+in the Markdown file (replaced on every run, the rest of the file is kept). Plots: accuracy vs budget
+(`accuracy.png`), throughput vs compression (`throughput-<model>.png`) and throughput at equal accuracy
+(`equal-accuracy.png`: each policy at the smallest budget where its verdicts agree with the full cache on at least
+`--agreement` of the threads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+BEGIN, END = "<!-- BEGIN modthreads-benchmark -->", "<!-- END modthreads-benchmark -->"
+BASELINES = ("snapkv", "h2o", "tova")
+
+
+def aggregate(rows: list[dict]) -> list[dict]:
+    """Per (policy, budget) over all lengths: means weighted by the number of items behind each row."""
+    out = {}
+    for r in rows:
+        if r["length"] is None or r["policy"] == "none":
+            continue
+        key = (r["policy"], r["budget"])
+        a = out.setdefault(key, {"policy": r["policy"], "budget": r["budget"], "threads": 0, "needles": 0,
+                                 "_agree": 0.0, "_dp": 0.0, "_kl": 0.0, "_needle": 0.0, "_comp": 0.0, "lengths": []})
+        n, t, nd = r["threads"] + r["needles"], r["threads"], r["needles"]
+        a["threads"] += t
+        a["needles"] += nd
+        a["lengths"].append(r["length"])
+        a["_agree"] += r.get("agreement", 0) * t
+        a["_dp"] += r.get("mean_abs_dp", 0) * t
+        a["_kl"] += r["kl"] * n
+        a["_needle"] += r.get("needle_accuracy", 0) * nd
+        a["_comp"] += r["compression"] * n
+    result = []
+    for a in out.values():
+        n = a["threads"] + a["needles"]
+        result.append({
+            "policy": a["policy"], "budget": a["budget"], "lengths": sorted(a["lengths"]), "threads": a["threads"],
+            "needles": a["needles"], "agreement": a["_agree"] / a["threads"] if a["threads"] else None,
+            "mean_abs_dp": a["_dp"] / a["threads"] if a["threads"] else None, "kl": a["_kl"] / n,
+            "needle_accuracy": a["_needle"] / a["needles"] if a["needles"] else None, "compression": a["_comp"] / n})
+    return result
+
+
+def fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def accuracy_section(acc: dict, agg: list[dict]) -> list[str]:
+    d = acc["data"]
+    lines = [
+        f"**Fidelity to the full cache** ({acc['date']}; model {acc['model']}; data `{d['name']}` v{d['version']} "
+        f"{d['params']}, sha256 `{d['sha256'][:16]}`; chunked prefill {acc['chunk']}, so eviction runs at every "
+        f"chunk boundary; {acc['seconds'] / 60:.0f} min). Command: `{acc['command']}`",
+        "",
+        "Means over all lengths. Agreement: same verdict as the full cache (threshold = the full cache's median "
+        f"P(flagged), {acc['threshold']:.3f}); KL: next-token KL(full || evicted), threads and needles; needle: "
+        "password retrieved (the full cache: "
+        f"{fmt(next(r for r in acc['rows'] if r['policy'] == 'none' and r['length'] is None).get('needle_accuracy'), '.2f')}).",
+        "",
+        "| policy | budget | compression | agreement | mean abs dP | KL | needle acc |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(agg, key=lambda r: (r["budget"], r["policy"] != "restkv", r["policy"])):
+        lines.append(f"| {r['policy']} | {r['budget']} | {r['compression']:.1f}x | {fmt(r['agreement'], '.3f')} | "
+                     f"{fmt(r['mean_abs_dp'], '.4f')} | {fmt(r['kl'], '.4f')} | {fmt(r['needle_accuracy'], '.2f')} |")
+    lines += ["", "Per length (the raw rows):", "",
+              "| policy | budget | length | compression | agreement | KL | needle acc | AUROC |", "|---|---|---|---|---|---|---|---|"]
+    for r in acc["rows"]:
+        if r["length"] is None:
+            continue
+        lines.append(f"| {r['policy']} | {r['budget'] or 'full'} | {r['length']} | {r['compression']:.1f}x | "
+                     f"{fmt(r.get('agreement'), '.3f')} | {fmt(r['kl'], '.4f')} | {fmt(r.get('needle_accuracy'), '.2f')} | "
+                     f"{fmt(r.get('auroc'), '.3f')} |")
+    lines += ["", *verdict_vs_baselines(agg)]
+    return lines
+
+
+def verdict_vs_baselines(agg: list[dict]) -> list[str]:
+    """The issue's fidelity target: restkv better than snapkv/h2o/tova at every budget <= 512 (lower KL)."""
+    out = ["ReST-KV vs the attention-weight baselines at equal budgets (lower KL is better):", ""]
+    met = True
+    for budget in sorted({r["budget"] for r in agg if r["budget"] <= 512}):
+        mine = next((r for r in agg if r["policy"] == "restkv" and r["budget"] == budget), None)
+        others = [r for r in agg if r["policy"] in BASELINES and r["budget"] == budget]
+        if not mine or not others:
+            continue
+        best = min(others, key=lambda r: r["kl"])
+        better = mine["kl"] < best["kl"]
+        met &= better
+        out.append(f"- budget {budget}: restkv KL {mine['kl']:.4f} vs best baseline {best['policy']} {best['kl']:.4f}: "
+                   f"{'**better**' if better else '**not better**'}")
+    if len(out) == 2:
+        return ["ReST-KV vs the attention-weight baselines: not measured in this run (needs restkv and one of "
+                f"{', '.join(BASELINES)} at a common budget <= 512).", ""]
+    out += ["", f"Target (better at every budget <= 512): **{'met' if met else 'not met'}** in this run.", ""]
+    return out
+
+
+def load_section(load: dict) -> list[str]:
+    key = load["load"]
+    lines = [f"**Load test, {load['model']}** ({load['date']}; real `vllm serve` per policy on 127.0.0.1, KV cache "
+             f"{load['kv_blocks']} blocks of {load['server'].get('block_size')} tokens for every server, prompts of "
+             f"{load['prompt_tokens']} tokens, chunked prefill {load['chunk']}, max {load['max_num_seqs']} sequences, "
+             f"{load['requests_per_cell']} requests per cell; {load['seconds'] / 60:.0f} min). "
+             f"Command: `{load['command']}`", "",
+             f"| policy | budget | compression | max_tokens | {key} | req/s | vs none | out tok/s | total tok/s | "
+             "TTFT p50/p90/p99 (s) | TPOT p50/p99 (ms) | max running | peak KV | preempt. | peak RSS (GiB) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    base = {(c["max_tokens"], c[key]): c["req_s"] for c in load["cells"] if c["policy"] == "none"}
+    for c in load["cells"]:
+        ratio = c["req_s"] / base[(c["max_tokens"], c[key])] if (c["max_tokens"], c[key]) in base else None
+        comp = c["mean_prompt_tokens"] / c["budget"] if c["budget"] else 1.0
+        tpot = ("-" if c["tpot_p50"] is None else f"{c['tpot_p50'] * 1000:.0f}/{c['tpot_p99'] * 1000:.0f}")
+        lines.append(
+            f"| {c['policy']} | {c['budget'] or '-'} | {'none' if comp <= 1 else f'{comp:.1f}x'} | {c['max_tokens']} | "
+            f"{c[key]:g} | {c['req_s']:.2f} | {fmt(ratio, '.2f')}{'x' if ratio else ''} | {c['output_tok_s']:.1f} | "
+            f"{c['total_tok_s']:.0f} | {c['ttft_p50']:.2f}/{c['ttft_p90']:.2f}/{c['ttft_p99']:.2f} | {tpot} | "
+            f"{c['max_running']:.0f} | {c['max_kv_usage']:.0%} | {c['preemptions']:.0f} | {c['peak_rss_gib']:.2f} |")
+    lines += ["", *load_findings(load), ""]
+    return lines
+
+
+def load_findings(load: dict) -> list[str]:
+    """restkv vs none at about 8x compression (the issue's >= 3x target) and at no compression (<= 2% overhead)."""
+    key = load["load"]
+    out = []
+    none = {(c["max_tokens"], c[key]): c for c in load["cells"] if c["policy"] == "none"}
+    for c in load["cells"]:
+        if c["policy"] != "restkv" or not c["budget"] or (c["max_tokens"], c[key]) not in none:
+            continue
+        comp = c["mean_prompt_tokens"] / c["budget"]
+        base = none[(c["max_tokens"], c[key])]
+        if 6 <= comp <= 10:
+            out.append(f"- restkv at {comp:.1f}x compression, max_tokens {c['max_tokens']}, {key} {c[key]:g}: "
+                       f"**{c['req_s'] / base['req_s']:.2f}x** the requests/s of `none` "
+                       f"({c['req_s']:.2f} vs {base['req_s']:.2f}; target >= 3x)")
+        if comp <= 1:
+            out.append(f"- restkv with budget >= prompt (nothing evicted), max_tokens {c['max_tokens']}, {key} "
+                       f"{c[key]:g}: overhead **{(base['req_s'] / c['req_s'] - 1) * 100:+.1f}%** in time per request "
+                       f"({c['req_s']:.2f} vs {base['req_s']:.2f} req/s; target <= 2%)")
+    return out
+
+
+def equal_accuracy(agg: list[dict], loads: list[dict], threshold: float) -> list[dict]:
+    """Each policy's smallest budget with agreement >= threshold, and its measured throughput there."""
+    out = []
+    for policy in sorted({r["policy"] for r in agg}):
+        ok = sorted((r for r in agg if r["policy"] == policy and r["agreement"] is not None
+                     and r["agreement"] >= threshold), key=lambda r: r["budget"])
+        entry = {"policy": policy, "budget": ok[0]["budget"] if ok else None, "throughput": {}}
+        for load in loads:
+            key = load["load"]
+            for c in load["cells"]:
+                if c["policy"] == policy and c["budget"] == entry["budget"]:
+                    entry["throughput"].setdefault(load["model"], []).append(
+                        (c["max_tokens"], c[key], c["req_s"]))
+        out.append(entry)
+    return out
+
+
+def plots(acc: dict | None, agg: list[dict], loads: list[dict], eq: list[dict], directory: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    if agg:
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+        for ax, key, title in ((axes[0], "agreement", "verdict agreement with the full cache"),
+                               (axes[1], "kl", "next-token KL(full || evicted)"),
+                               (axes[2], "needle_accuracy", "needle retrieval accuracy")):
+            for policy in sorted({r["policy"] for r in agg}):
+                rs = sorted((r for r in agg if r["policy"] == policy and r[key] is not None), key=lambda r: r["budget"])
+                ax.plot([r["budget"] for r in rs], [r[key] for r in rs], marker="o", label=policy,
+                        linewidth=2.5 if policy == "restkv" else 1.2)
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("budget (tokens per layer and KV head)")
+            ax.set_title(title)
+            if key == "kl":
+                ax.set_yscale("log")
+        axes[0].legend(fontsize=8)
+        fig.suptitle(f"restkv-modthreads, {acc['model']}, chunked prefill {acc['chunk']} ({acc['date']})")
+        fig.tight_layout()
+        fig.savefig(directory / "accuracy.png", dpi=100)
+        plt.close(fig)
+        written.append("accuracy.png")
+    for load in loads:
+        key = load["load"]
+        max_tokens = sorted({c["max_tokens"] for c in load["cells"]})
+        fig, axes = plt.subplots(1, len(max_tokens), figsize=(6 * len(max_tokens), 4), squeeze=False)
+        for ax, mt in zip(axes[0], max_tokens):
+            level = max(c[key] for c in load["cells"] if c["max_tokens"] == mt)
+            cells = [c for c in load["cells"] if c["max_tokens"] == mt and c[key] == level]
+            for policy in sorted({c["policy"] for c in cells if c["policy"] != "none"}):
+                cs = sorted((c for c in cells if c["policy"] == policy),
+                            key=lambda c: c["mean_prompt_tokens"] / c["budget"])
+                ax.plot([c["mean_prompt_tokens"] / c["budget"] for c in cs], [c["req_s"] for c in cs], marker="o",
+                        label=policy, linewidth=2.5 if policy == "restkv" else 1.2)
+            for c in cells:
+                if c["policy"] == "none":
+                    ax.axhline(c["req_s"], color="black", linestyle="--", label="none (full cache)")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("compression (prompt tokens / budget)")
+            ax.set_ylabel("requests/s")
+            ax.set_title(f"max_tokens {mt}, {key} {level:g}")
+            ax.legend(fontsize=8)
+        fig.suptitle(f"Throughput at the same KV cache ({load['kv_blocks']} blocks), {load['model']} ({load['date']})")
+        fig.tight_layout()
+        name = f"throughput-{load['model']}.png"
+        fig.savefig(directory / name, dpi=100)
+        plt.close(fig)
+        written.append(name)
+    bars = [(e["policy"], max(e["throughput"][m], key=lambda t: (t[0], t[1]))[2], e["budget"], m)
+            for e in eq for m in e["throughput"]]
+    if bars:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        ax.bar([f"{p}\n@{b} ({m})" for p, _, b, m in bars], [v for _, v, _, _ in bars])
+        ax.set_ylabel("requests/s")
+        ax.set_title("Throughput at equal accuracy (smallest budget reaching the agreement target)")
+        fig.tight_layout()
+        fig.savefig(directory / "equal-accuracy.png", dpi=100)
+        plt.close(fig)
+        written.append("equal-accuracy.png")
+    return written
+
+
+def write_section(markdown: Path, body: list[str]) -> None:
+    text = markdown.read_text() if markdown.exists() else "# Benchmarks\n"
+    section = "\n".join([BEGIN, *body, END])
+    if BEGIN in text and END in text:
+        text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: section, text, flags=re.S)
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    markdown.write_text(text)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--accuracy", type=Path, default=None)
+    p.add_argument("--load", type=Path, action="append", default=[])
+    p.add_argument("--markdown", type=Path, required=True)
+    p.add_argument("--plots", type=Path, required=True)
+    p.add_argument("--agreement", type=float, default=0.95)
+    p.add_argument("--preamble", default="", help="text placed first in the section (e.g. the machine)")
+    args = p.parse_args(argv)
+    acc = json.loads(args.accuracy.read_text()) if args.accuracy else None
+    loads = [json.loads(f.read_text()) for f in args.load]
+    agg = aggregate(acc["rows"]) if acc else []
+    eq = equal_accuracy(agg, loads, args.agreement)
+    written = plots(acc, agg, loads, eq, args.plots)
+    rel = lambda name: Path(args.plots / name).resolve().relative_to(args.markdown.parent.resolve())  # noqa: E731
+    body = ["## Long-context moderation benchmark: ReST-KV vs attention-weight eviction vs the full cache", "",
+            f"Written by `loadtest/report.py` on {time.strftime('%Y-%m-%d')}. {args.preamble}".rstrip(), ""]
+    if acc:
+        body += accuracy_section(acc, agg)
+        body += [f"![accuracy vs budget]({rel('accuracy.png')})", ""]
+    for load in loads:
+        body += load_section(load)
+        name = f"throughput-{load['model']}.png"
+        body += [f"![throughput vs compression]({rel(name)})", ""]
+    if eq and loads:
+        body += [f"**Throughput at equal accuracy** (smallest budget with verdict agreement >= {args.agreement:.0%}):",
+                 "", "| policy | budget | requests/s (model: max_tokens, load level) |", "|---|---|---|"]
+        for e in eq:
+            tp = "; ".join(f"{m}: " + ", ".join(f"{mt} tok @ {lv:g}: {v:.2f}" for mt, lv, v in vals)
+                           for m, vals in e["throughput"].items()) or "budget not in the load test"
+            body.append(f"| {e['policy']} | {e['budget'] or 'never reached'} | {tp} |")
+        body.append("")
+        if "equal-accuracy.png" in written:
+            body += [f"![throughput at equal accuracy]({rel('equal-accuracy.png')})", ""]
+    write_section(args.markdown, body)
+    print(f"wrote {args.markdown} and {', '.join(written)} in {args.plots}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
