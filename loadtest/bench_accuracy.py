@@ -59,7 +59,7 @@ def run_driver(spec: dict, timeout: float = 7200) -> dict:
 
 
 def p_flagged(top: list[list], yes_ids: set[int], no_ids: set[int]) -> float:
-    probs = {int(t): math.exp(lp) for t, lp in top}
+    probs = {int(t): max(math.exp(lp), 1e-300) for t, lp in top}
     floor = min(probs.values())  # an unlisted token has at most the smallest listed probability
     p_yes = sum(probs[t] for t in yes_ids if t in probs) or floor
     p_no = sum(probs[t] for t in no_ids if t in probs) or floor
@@ -68,8 +68,8 @@ def p_flagged(top: list[list], yes_ids: set[int], no_ids: set[int]) -> float:
 
 def kl_top(full: list[list], evicted: list[list]) -> float:
     """KL(full || evicted) over full's listed tokens plus one bucket for the rest."""
-    p = {int(t): math.exp(lp) for t, lp in full}
-    q = {int(t): math.exp(lp) for t, lp in evicted}
+    p = {int(t): max(math.exp(lp), 1e-300) for t, lp in full}
+    q = {int(t): max(math.exp(lp), 1e-300) for t, lp in evicted}
     q_floor = min(q.values())
     kl, q_listed = 0.0, 0.0
     for t, pt in p.items():
@@ -142,6 +142,8 @@ def measure(args) -> dict:
     raw = []
     for n, policy in enumerate(args.policies, start=2):
         mine = [r for r in requests if r[1] == policy]
+        if not mine:  # every budget at or above every prompt: nothing to evict
+            continue
         t0 = time.time()
         out = run_driver(engine_spec(
             model, [items[k] for k, _, _ in mine],

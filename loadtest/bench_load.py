@@ -14,7 +14,7 @@ requests in flight, or with `--rate`, requests arrive as a Poisson process.
 
 Per cell (policy x budget x max_tokens x concurrency): requests/s, output and total tokens/s, TTFT and TPOT
 percentiles, the most requests running at once and the mean/peak KV-cache usage (from vLLM's own /metrics, polled
-every 0.25 s), preemptions, and the server's peak memory (RSS of the whole process tree).
+every 0.25 s), preemptions, and the server's peak memory (PSS of the whole process tree).
 """
 
 from __future__ import annotations
@@ -60,7 +60,8 @@ def metric(text: str, name: str) -> float:
     return total
 
 
-def tree_rss(pid: int) -> int:
+def tree_pss(pid: int) -> int:
+    """Proportional set size of the server's process tree (shared pages counted once, unlike summed RSS)."""
     import psutil
 
     try:
@@ -71,7 +72,7 @@ def tree_rss(pid: int) -> int:
     total = 0
     for p in procs:
         try:
-            total += p.memory_info().rss
+            total += p.memory_full_info().pss
         except psutil.NoSuchProcess:
             pass
     return total
@@ -82,7 +83,7 @@ class Sampler:
 
     def __init__(self, url: str, pid: int):
         self.url, self.pid = url, pid
-        self.running, self.waiting, self.kv, self.rss = [], [], [], []
+        self.running, self.waiting, self.kv, self.mem = [], [], [], []
 
     async def run(self, client: httpx.AsyncClient, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -93,7 +94,7 @@ class Sampler:
                 self.kv.append(metric(text, "vllm:kv_cache_usage_perc"))
             except httpx.HTTPError:
                 pass
-            self.rss.append(await asyncio.to_thread(tree_rss, self.pid))
+            self.mem.append(await asyncio.to_thread(tree_pss, self.pid))
             try:
                 await asyncio.wait_for(stop.wait(), 0.25)
             except asyncio.TimeoutError:
@@ -114,15 +115,19 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_toke
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(f"error in the stream: {chunk['error']}")
             if chunk.get("choices") and first is None:
                 first = time.perf_counter()
             if chunk.get("usage"):
                 usage = chunk["usage"]
     end = time.perf_counter()
-    out = usage["completion_tokens"] if usage else max_tokens
+    if usage is None:
+        raise RuntimeError("the stream ended without a usage chunk")
+    out = usage["completion_tokens"]
     ttft = (first or end) - start
     return {"ttft": ttft, "latency": end - start, "output_tokens": out,
-            "prompt_tokens": usage["prompt_tokens"] if usage else None,
+            "prompt_tokens": usage["prompt_tokens"],
             "tpot": (end - first) / (out - 1) if first and out > 1 else None}
 
 
@@ -142,18 +147,21 @@ async def run_cell(url: str, pid: int, prompts: list[str], n: int, concurrency: 
                 i = queue.pop(0)
                 results.append(await one_request(client, url, prompts[i % len(prompts)], max_tokens, xargs))
 
-        if rate:
-            rng = random.Random(0)
-            tasks = []
-            for i in range(n):
-                tasks.append(asyncio.create_task(one_request(client, url, prompts[i % len(prompts)], max_tokens, xargs)))
-                await asyncio.sleep(rng.expovariate(rate))
-            results = await asyncio.gather(*tasks)
-        else:
-            await asyncio.gather(*(worker() for _ in range(concurrency)))
-        wall = time.perf_counter() - started
-        stop.set()
-        await sampling
+        try:
+            if rate:
+                rng = random.Random(0)
+                tasks = []
+                for i in range(n):
+                    tasks.append(asyncio.create_task(
+                        one_request(client, url, prompts[i % len(prompts)], max_tokens, xargs)))
+                    await asyncio.sleep(rng.expovariate(rate))
+                results = await asyncio.gather(*tasks)
+            else:
+                await asyncio.gather(*(worker() for _ in range(concurrency)))
+        finally:
+            wall = time.perf_counter() - started
+            stop.set()
+            await sampling
         after = (await client.get(url + "/metrics")).text
     ttft = [r["ttft"] for r in results]
     tpot = [r["tpot"] for r in results if r["tpot"] is not None]
@@ -170,7 +178,7 @@ async def run_cell(url: str, pid: int, prompts: list[str], n: int, concurrency: 
         "preemptions": metric(after, "vllm:num_preemptions_total") - metric(before, "vllm:num_preemptions_total"),
         "evicted_tokens": metric(after, "restkv_evicted_tokens_total")
         - metric(before, "restkv_evicted_tokens_total"),
-        "peak_rss_gib": max(sampler.rss or [0]) / 2**30,
+        "peak_memory_gib": max(sampler.mem or [0]) / 2**30,
     }
 
 
@@ -214,7 +222,7 @@ def main() -> int:
     p.add_argument("--requests", type=int, default=48, help="requests per cell")
     p.add_argument("--max-tokens", nargs="+", type=int, default=[1, 32])
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--serve-args", nargs=argparse.REMAINDER, default=[], help="more `vllm serve` arguments")
+    p.add_argument("--serve-args", nargs=argparse.REMAINDER, default=[], help="more `vllm serve` arguments (must come last: everything after it is passed on)")
     p.add_argument("--one-server", action="store_true",
                    help="one server (eviction on) for all policies, chosen per request through vllm_xargs: saves "
                         "start-ups on a GPU; `none` then means eviction off for that request, not vanilla vLLM")
@@ -281,7 +289,7 @@ def print_table(result: dict) -> None:
     print(f"model {result['model']}, KV cache {result['kv_blocks']} blocks ({result['server']}), prompts of "
           f"{result['prompt_tokens']} tokens, chunk {result['chunk']}, {result['requests_per_cell']} requests per cell")
     print(f"| policy | budget | max_tokens | {key} | req/s | vs none | out tok/s | TTFT p50 (s) | TTFT p99 (s) | "
-          f"TPOT p50 (ms) | max running | peak KV use | preemptions | peak RSS (GiB) |")
+          f"TPOT p50 (ms) | max running | peak KV use | preemptions | peak mem (GiB) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     base = {(c["max_tokens"], c[key]): c["req_s"] for c in result["cells"] if c["policy"] == "none"}
     for c in result["cells"]:
@@ -290,7 +298,7 @@ def print_table(result: dict) -> None:
         print(f"| {c['policy']} | {c['budget'] or '-'} | {c['max_tokens']} | {c[key]:g} | {c['req_s']:.2f} | "
               f"{f'{ratio:.2f}x' if ratio else '-'} | {c['output_tok_s']:.1f} | {c['ttft_p50']:.2f} | "
               f"{c['ttft_p99']:.2f} | {tpot} | {c['max_running']:.0f} | {c['max_kv_usage']:.0%} | "
-              f"{c['preemptions']:.0f} | {c['peak_rss_gib']:.2f} |")
+              f"{c['preemptions']:.0f} | {c['peak_memory_gib']:.2f} |")
     print(f"\ncommand: {result['command']}")
 
 

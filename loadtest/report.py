@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import time
@@ -109,13 +110,16 @@ def verdict_vs_baselines(agg: list[dict]) -> list[str]:
 
 def load_section(load: dict) -> list[str]:
     key = load["load"]
-    lines = [f"**Load test, {load['model']}** ({load['date']}; real `vllm serve` per policy on 127.0.0.1, KV cache "
+    servers = ("one real `vllm serve` for all policies, chosen per request (`none` = eviction off for that request)"
+               if load.get("one_server") else "real `vllm serve` per policy")
+    lines = [f"**Load test, {load['model']}** ({load['date']}; {servers} on 127.0.0.1, KV cache "
              f"{load['kv_blocks']} blocks of {load['server'].get('block_size')} tokens for every server, prompts of "
              f"{load['prompt_tokens']} tokens, chunked prefill {load['chunk']}, max {load['max_num_seqs']} sequences, "
-             f"{load['requests_per_cell']} requests per cell; {load['seconds'] / 60:.0f} min). "
+             f"{load['requests_per_cell']} requests per cell; {load['seconds'] / 60:.0f} min; peak memory is the summed PSS "
+             f"of the server's processes). "
              f"Command: `{load['command']}`", "",
              f"| policy | budget | compression | max_tokens | {key} | req/s | vs none | out tok/s | total tok/s | "
-             "TTFT p50/p90/p99 (s) | TPOT p50/p99 (ms) | max running | peak KV | preempt. | peak RSS (GiB) |",
+             "TTFT p50/p90/p99 (s) | TPOT p50/p99 (ms) | max running | peak KV | preempt. | peak mem (GiB) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     base = {(c["max_tokens"], c[key]): c["req_s"] for c in load["cells"] if c["policy"] == "none"}
     for c in load["cells"]:
@@ -126,7 +130,7 @@ def load_section(load: dict) -> list[str]:
             f"| {c['policy']} | {c['budget'] or '-'} | {'none' if comp <= 1 else f'{comp:.1f}x'} | {c['max_tokens']} | "
             f"{c[key]:g} | {c['req_s']:.2f} | {fmt(ratio, '.2f')}{'x' if ratio else ''} | {c['output_tok_s']:.1f} | "
             f"{c['total_tok_s']:.0f} | {c['ttft_p50']:.2f}/{c['ttft_p90']:.2f}/{c['ttft_p99']:.2f} | {tpot} | "
-            f"{c['max_running']:.0f} | {c['max_kv_usage']:.0%} | {c['preemptions']:.0f} | {c['peak_rss_gib']:.2f} |")
+            f"{c['max_running']:.0f} | {c['max_kv_usage']:.0%} | {c['preemptions']:.0f} | {c['peak_memory_gib']:.2f} |")
     lines += ["", *load_findings(load), ""]
     return lines
 
@@ -261,7 +265,7 @@ def main(argv=None) -> int:
     agg = aggregate(acc["rows"]) if acc else []
     eq = equal_accuracy(agg, loads, args.agreement)
     written = plots(acc, agg, loads, eq, args.plots)
-    rel = lambda name: Path(args.plots / name).resolve().relative_to(args.markdown.parent.resolve())  # noqa: E731
+    rel = lambda name: os.path.relpath(args.plots / name, args.markdown.parent)  # noqa: E731
     body = ["## Long-context moderation benchmark: ReST-KV vs attention-weight eviction vs the full cache", "",
             f"Written by `loadtest/report.py` on {time.strftime('%Y-%m-%d')}. {args.preamble}".rstrip(), ""]
     if acc:
@@ -276,7 +280,8 @@ def main(argv=None) -> int:
                  "", "| policy | budget | requests/s (model: max_tokens, load level) |", "|---|---|---|"]
         for e in eq:
             tp = "; ".join(f"{m}: " + ", ".join(f"{mt} tok @ {lv:g}: {v:.2f}" for mt, lv, v in vals)
-                           for m, vals in e["throughput"].items()) or "budget not in the load test"
+                           for m, vals in e["throughput"].items())
+            tp = tp or ("budget not in the load test" if e["budget"] else "-")
             body.append(f"| {e['policy']} | {e['budget'] or 'never reached'} | {tp} |")
         body.append("")
         if "equal-accuracy.png" in written:

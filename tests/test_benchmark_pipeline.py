@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-pytestmark = pytest.mark.server
 
 
 def make_dataset(out: Path, *extra: str) -> None:
@@ -59,6 +58,7 @@ def test_dataset_is_deterministic_checksummed_and_as_specified(tmp_path):
         load_dataset(tmp_path / "a")
 
 
+@pytest.mark.server
 def test_pipeline_ci_preset_end_to_end(tmp_path):
     out = tmp_path / "bench"
     markdown = tmp_path / "benchmarks.md"
@@ -87,7 +87,7 @@ def test_pipeline_ci_preset_end_to_end(tmp_path):
     for c in cells.values():
         assert c["requests"] == 8 and c["req_s"] > 0 and c["ttft_p50"] > 0 and c["tpot_p50"] > 0
         assert c["output_tok_s"] == pytest.approx(8 * c["req_s"], rel=0.01)  # ignore_eos: exactly 8 tokens each
-        assert c["peak_rss_gib"] > 0.1
+        assert c["peak_memory_gib"] > 0.1
     assert cells[("restkv", 128)]["evicted_tokens"] > 0
     assert cells[("restkv", 4096)]["evicted_tokens"] == 0 and cells[("none", None)]["evicted_tokens"] == 0
 

@@ -152,7 +152,7 @@ def build_dataset(tokenizer, *, split: str = "test", lengths=(1024, 2048), threa
         for j in range(threads_per_length):
             n_insults = INSULT_COUNTS[j % 3]
             kind = ("explicit", "implicit")[(j // 3) % 2]
-            depth = DEPTHS[(j // 3) % 3] if n_insults == 1 else None  # (kind, depth) covers all 6 pairs
+            depth = DEPTHS[(j // 3) % 3] if n_insults == 1 else None  # every (kind, depth) pair from 18 threads on
             item = build_thread(rng, pools, length, n_insults, kind, depth, count)
             items.append({"id": f"thread-{split}-{length}-{j:03d}", "split": split, "target_tokens": length, **item})
         for j in range(needles_per_length):
