@@ -46,7 +46,7 @@ test: setup test-tools
 	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
 
 # The long-context moderation benchmark (issue #5): data set, accuracy, load tests, docs/benchmarks.md + plots
-# (about 65 min on 2 CPU cores; BENCH_ARGS="--preset ci" for a few minutes)
+# (about 80 min on 2 CPU cores; BENCH_ARGS="--preset ci" for a few minutes)
 bench: setup
 	$(VENV)/bin/python loadtest/run_benchmark.py $(BENCH_ARGS)
 

@@ -108,7 +108,15 @@ def verdict_vs_baselines(agg: list[dict]) -> list[str]:
     return out
 
 
-def load_section(load: dict) -> list[str]:
+def baseline_cells(load: dict, loads: list[dict]) -> dict:
+    """`none` cells of every load test run on the same server set-up (model, KV cache, prompts, chunk), by
+    (max_tokens, load level): the compression sweep has no `none` of its own."""
+    same = lambda other: all(other[k] == load[k] for k in ("model", "kv_blocks", "prompt_tokens", "chunk", "load"))  # noqa: E731
+    return {(c["max_tokens"], c[other["load"]]): c for other in loads if same(other)
+            for c in other["cells"] if c["policy"] == "none"}
+
+
+def load_section(load: dict, none: dict) -> list[str]:
     key = load["load"]
     servers = ("one real `vllm serve` for all policies, chosen per request (`none` = eviction off for that request)"
                if load.get("one_server") else "real `vllm serve` per policy")
@@ -121,7 +129,7 @@ def load_section(load: dict) -> list[str]:
              f"| policy | budget | compression | max_tokens | {key} | req/s | vs none | out tok/s | total tok/s | "
              "TTFT p50/p90/p99 (s) | TPOT p50/p99 (ms) | max running | peak KV | preempt. | peak mem (GiB) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    base = {(c["max_tokens"], c[key]): c["req_s"] for c in load["cells"] if c["policy"] == "none"}
+    base = {k: c["req_s"] for k, c in none.items()}
     for c in load["cells"]:
         ratio = c["req_s"] / base[(c["max_tokens"], c[key])] if (c["max_tokens"], c[key]) in base else None
         comp = c["mean_prompt_tokens"] / c["budget"] if c["budget"] else 1.0
@@ -131,15 +139,14 @@ def load_section(load: dict) -> list[str]:
             f"{c[key]:g} | {c['req_s']:.2f} | {fmt(ratio, '.2f')}{'x' if ratio else ''} | {c['output_tok_s']:.1f} | "
             f"{c['total_tok_s']:.0f} | {c['ttft_p50']:.2f}/{c['ttft_p90']:.2f}/{c['ttft_p99']:.2f} | {tpot} | "
             f"{c['max_running']:.0f} | {c['max_kv_usage']:.0%} | {c['preemptions']:.0f} | {c['peak_memory_gib']:.2f} |")
-    lines += ["", *load_findings(load), ""]
+    lines += ["", *load_findings(load, none), ""]
     return lines
 
 
-def load_findings(load: dict) -> list[str]:
+def load_findings(load: dict, none: dict) -> list[str]:
     """restkv vs none at about 8x compression (the issue's >= 3x target) and at no compression (<= 2% overhead)."""
     key = load["load"]
     out = []
-    none = {(c["max_tokens"], c[key]): c for c in load["cells"] if c["policy"] == "none"}
     for c in load["cells"]:
         if c["policy"] != "restkv" or not c["budget"] or (c["max_tokens"], c[key]) not in none:
             continue
@@ -173,7 +180,8 @@ def equal_accuracy(agg: list[dict], loads: list[dict], threshold: float) -> list
     return out
 
 
-def plots(acc: dict | None, agg: list[dict], loads: list[dict], eq: list[dict], directory: Path) -> list[str]:
+def plots(acc: dict | None, agg: list[dict], loads: list[dict], eq: list[dict], directory: Path,
+          names: list[str]) -> list[str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -201,7 +209,7 @@ def plots(acc: dict | None, agg: list[dict], loads: list[dict], eq: list[dict], 
         fig.savefig(directory / "accuracy.png", dpi=100)
         plt.close(fig)
         written.append("accuracy.png")
-    for load in loads:
+    for load, load_name in zip(loads, names):
         key = load["load"]
         max_tokens = sorted({c["max_tokens"] for c in load["cells"]})
         fig, axes = plt.subplots(1, len(max_tokens), figsize=(6 * len(max_tokens), 4), squeeze=False)
@@ -223,7 +231,7 @@ def plots(acc: dict | None, agg: list[dict], loads: list[dict], eq: list[dict], 
             ax.legend(fontsize=8)
         fig.suptitle(f"Throughput at the same KV cache ({load['kv_blocks']} blocks), {load['model']} ({load['date']})")
         fig.tight_layout()
-        name = f"throughput-{load['model']}.png"
+        name = f"throughput-{load_name}.png"
         fig.savefig(directory / name, dpi=100)
         plt.close(fig)
         written.append(name)
@@ -264,16 +272,17 @@ def main(argv=None) -> int:
     loads = [json.loads(f.read_text()) for f in args.load]
     agg = aggregate(acc["rows"]) if acc else []
     eq = equal_accuracy(agg, loads, args.agreement)
-    written = plots(acc, agg, loads, eq, args.plots)
+    names = [f.stem.removeprefix("load-") for f in args.load]
+    written = plots(acc, agg, loads, eq, args.plots, names)
     rel = lambda name: os.path.relpath(args.plots / name, args.markdown.parent)  # noqa: E731
     body = ["## Long-context moderation benchmark: ReST-KV vs attention-weight eviction vs the full cache", "",
             f"Written by `loadtest/report.py` on {time.strftime('%Y-%m-%d')}. {args.preamble}".rstrip(), ""]
     if acc:
         body += accuracy_section(acc, agg)
         body += [f"![accuracy vs budget]({rel('accuracy.png')})", ""]
-    for load in loads:
-        body += load_section(load)
-        name = f"throughput-{load['model']}.png"
+    for load, load_name in zip(loads, names):
+        body += load_section(load, baseline_cells(load, loads))
+        name = f"throughput-{load_name}.png"
         body += [f"![throughput vs compression]({rel(name)})", ""]
     if eq and loads:
         body += [f"**Throughput at equal accuracy** (smallest budget with verdict agreement >= {args.agreement:.0%}):",

@@ -1,6 +1,6 @@
 """One command for the whole long-context moderation benchmark: data set -> accuracy -> load tests -> report.
 
-    .venv/bin/python loadtest/run_benchmark.py                 # preset `cpu`: about 65 min on 2 CPU cores
+    .venv/bin/python loadtest/run_benchmark.py                 # preset `cpu`: about 80 min on 2 CPU cores
     .venv/bin/python loadtest/run_benchmark.py --preset ci --out-dir /tmp/bench --markdown /tmp/bench/benchmarks.md
     .venv/bin/python loadtest/run_benchmark.py --stages report # redraw from the JSON results already there
 
@@ -29,14 +29,14 @@ PRESETS = {
         "data": ["--lengths", "1024", "2048", "--threads-per-length", "8", "--needles-per-length", "4"],
         "accuracy": ["--model", "smollm2", "--policies", *ALL_POLICIES, "--budgets", "64", "128", "256", "512", "1024"],
         "loads": {
-            # every policy at 8x compression and with nothing to evict (budget > prompt): the overhead point
-            "tiny": ["--model", "tiny", "--policies", *LOAD_POLICIES, "--budgets", "256", "4096", "--kv-blocks", "64",
+            # every policy at 8x compression, with 1, 32 and 256 output tokens
+            "tiny": ["--model", "tiny", "--policies", *LOAD_POLICIES, "--budgets", "256", "--kv-blocks", "64",
                      "--prompt-tokens", "2048", "--concurrency", "16", "--requests", "32", "--max-tokens", "1", "32",
                      "256"],
-            # ReST-KV across compression ratios
-            "tiny-compression": ["--model", "tiny", "--policies", "restkv", "--budgets", "128", "512", "1024",
+            # ReST-KV across compression ratios; budget 4096 > prompt: nothing evicted, the overhead point
+            "tiny-compression": ["--model", "tiny", "--policies", "restkv", "--budgets", "128", "512", "1024", "4096",
                                  "--kv-blocks", "64", "--prompt-tokens", "2048", "--concurrency", "16",
-                                 "--requests", "32", "--max-tokens", "32", "256"],
+                                 "--requests", "32", "--max-tokens", "1", "32", "256"],
             # concurrency sweep
             "tiny-concurrency": ["--model", "tiny", "--policies", "none", "restkv", "--budgets", "256", "--kv-blocks",
                                  "64", "--prompt-tokens", "2048", "--concurrency", "1", "4", "64", "--requests", "32",
