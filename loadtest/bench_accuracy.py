@@ -26,15 +26,14 @@ import argparse
 import json
 import math
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-DRIVER = REPO / "tests" / "engine_driver.py"
+
+from bench_engine import run as run_driver  # noqa: E402  (loadtest/ is on sys.path when run as a script)
 POSITIVE = (" Yes", "Yes", " yes")
 NEGATIVE = (" No", "No", " no")
 NEEDLE_TOKENS = 8
@@ -42,20 +41,6 @@ NEEDLE_TOKENS = 8
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def run_driver(spec: dict, timeout: float = 7200) -> dict:
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
-        json.dump(spec, f)
-    try:
-        proc = subprocess.run([sys.executable, str(DRIVER), "@" + f.name], capture_output=True, text=True,
-                              timeout=timeout)
-    finally:
-        Path(f.name).unlink()
-    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT_JSON ")]
-    if proc.returncode != 0 or not lines:
-        raise RuntimeError(f"engine run failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(lines[-1][len("RESULT_JSON "):])
 
 
 def p_flagged(top: list[list], yes_ids: set[int], no_ids: set[int]) -> float:

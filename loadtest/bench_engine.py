@@ -21,16 +21,21 @@ REPO = Path(__file__).resolve().parent.parent
 DRIVER = REPO / "tests" / "engine_driver.py"
 
 
-def run(spec: dict) -> dict:
+def run(spec: dict, timeout: float = 7200) -> dict:
+    """One in-process engine run of tests/engine_driver.py in a subprocess; its RESULT_JSON (the benchmarks share
+    this; the tests have their own assert-based twin, run_engine)."""
     import tempfile
 
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec, f)
-    proc = subprocess.run([sys.executable, str(DRIVER), "@" + f.name], capture_output=True, text=True)
-    Path(f.name).unlink()
+    try:
+        proc = subprocess.run([sys.executable, str(DRIVER), "@" + f.name], capture_output=True, text=True,
+                              timeout=timeout)
+    finally:
+        Path(f.name).unlink()
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT_JSON ")]
     if proc.returncode != 0 or not lines:
-        raise RuntimeError(proc.stderr[-3000:])
+        raise RuntimeError(f"engine run failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(lines[-1][len("RESULT_JSON "):])
 
 
