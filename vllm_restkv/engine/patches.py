@@ -131,12 +131,8 @@ def _wrap_scheduler_init(original):
         # check against this server's settings here too (else a valid per-request policy kills the input thread)
         set_server_config(config)
         self.restkv = SchedulerEviction(self, config) if config.enabled else None
-        if config.enabled and getattr(self, "scheduler_reserve_full_isl", False):
-            # vLLM admits a new request only when its whole prompt fits in the free blocks; an evicting request
-            # never holds more than budget + one chunk, so admit by chunk (requests without eviction may then be
-            # preempted and recomputed instead of waiting, vLLM's behaviour before that check existed)
-            self.scheduler_reserve_full_isl = False
-            logger.info("vllm-restkv: requests are admitted by chunk, not by full prompt length (KV eviction on)")
+        # the admission gate (KVCacheManager.allocate_slots below) sizes each request by what it will hold
+        self.kv_cache_manager.restkv = self.restkv
 
     return __init__
 
@@ -180,6 +176,25 @@ def add_scheduler_stats_field() -> None:
     SchedulerStats.__dataclass_fields__[STATS_FIELD] = field
     SchedulerStats.__annotations__[STATS_FIELD] = "dict | None"
     setattr(SchedulerStats, STATS_FIELD, None)
+
+
+def _wrap_allocate_slots(original):
+    @functools.wraps(original)
+    def allocate_slots(self, request, *args, full_sequence_must_fit: bool = False, **kwargs):
+        # vLLM admits a waiting request only when its whole sequence fits in the free blocks
+        # (scheduler_reserve_full_isl). An evicting request never holds more than budget + one chunk, so it is
+        # admitted when that fits; every other request (eviction off, or a budget it never reaches) keeps vLLM's
+        # check, so it waits instead of being admitted, preempted and recomputed.
+        eviction = getattr(self, "restkv", None)
+        if full_sequence_must_fit and eviction is not None:
+            tokens = eviction.admission_tokens(request)
+            if tokens < request.num_tokens:
+                if not eviction.can_admit(tokens, kwargs.get("reserved_blocks", 0)):
+                    return None
+                full_sequence_must_fit = False
+        return original(self, request, *args, full_sequence_must_fit=full_sequence_must_fit, **kwargs)
+
+    return allocate_slots
 
 
 def _wrap_reserve_prefill_lookahead(original):
@@ -326,8 +341,13 @@ PATCHES: list[Patch] = [
     Patch(
         "vllm.v1.core.sched.scheduler:Scheduler.__init__",
         _wrap_scheduler_init,
-        "creates the scheduler-side eviction state (E per request, stats); admits requests by chunk instead of "
-        "by full prompt length (scheduler_reserve_full_isl), since evicting requests never hold their full prompt",
+        "creates the scheduler-side eviction state (E per request, stats) and hands it to the KV cache manager",
+    ),
+    Patch(
+        "vllm.v1.core.kv_cache_manager:KVCacheManager.allocate_slots",
+        _wrap_allocate_slots,
+        "admission by what a request will hold: budget + one chunk for an evicting request instead of its whole "
+        "prompt (vLLM's scheduler_reserve_full_isl check); unchanged for requests that never evict",
     ),
     Patch(
         "vllm.v1.core.sched.scheduler:Scheduler.update_from_output",

@@ -112,5 +112,22 @@ class SchedulerEviction:
         boundary = (num_computed_tokens // self.prefill_stride + 1) * self.prefill_stride
         return min(num_new_tokens, boundary - num_computed_tokens)
 
+    def admission_tokens(self, request: Any) -> int:
+        """The most KV tokens this request will hold at once: its whole sequence without eviction (or with a budget
+        it never reaches), else budget + one prefill chunk (+ decode growth between decode evictions)."""
+        full = request.num_tokens
+        if request.sampling_params is None:
+            return full
+        policy, budget = request_overrides(request.sampling_params, self.config)
+        if policy == NO_EVICTION or budget >= full:
+            return full
+        growth = max(self.prefill_stride, self.config.decode_interval or 0)
+        return min(full, budget + growth)
+
+    def can_admit(self, tokens: int, reserved_blocks: int = 0) -> bool:
+        block_size = self.scheduler.block_size
+        needed = -(-tokens // block_size)
+        return self.block_pool.get_num_free_blocks() - reserved_blocks >= needed
+
     def forget(self, req_id: str) -> None:
         self.evicted.pop(req_id, None)
