@@ -94,28 +94,39 @@ def assert_reference_unchanged(server, reference) -> None:
 
 
 def test_burst_beyond_the_cache_completes_with_preemptions_and_leaks_nothing(server, reference):
-    """12 requests of 800-1,790 tokens at once; without eviction one 1,700-token request alone needs 14 of the 23
-    usable blocks. Mixed settings: restkv (server default), restkv budget 256, snapkv, and half without eviction."""
+    """12 long requests (800-1,790 tokens; without eviction one 1,700-token request alone needs 14 of the 23 usable
+    blocks) with mixed settings: restkv (server default), restkv budget 256, snapkv, and half without eviction,
+    plus 3 short prompts without eviction that each grow to 1,220 tokens while decoding. vLLM admits a request
+    by its prompt, so the growers start together and their decode growth (30 blocks) overruns the cache:
+    preemptions must happen, and everything must still complete exactly."""
     none = {"kv_eviction": "none"}
     settings = [None, none, {"kv_eviction": "snapkv"}, none, {"kv_eviction_budget": 256}, none]
-    jobs = [(prompt_ids(800 + 90 * i, seed=100 + i), settings[i % 6]) for i in range(12)]
+    jobs = [(prompt_ids(800 + 90 * i, seed=100 + i), settings[i % 6], 128) for i in range(12)]
+    jobs += [(prompt_ids(100, seed=150 + i), none, 1120) for i in range(3)]
     sequential = []
-    for prompt, xargs in jobs:
-        r = complete(server.url, prompt, max_tokens=128, xargs=xargs)
+    for prompt, xargs, max_tokens in jobs:
+        r = complete(server.url, prompt, max_tokens=max_tokens, xargs=xargs)
         assert r.status_code == 200, r.text
         sequential.append(r.json()["choices"][0]["text"])
     wait_idle(server.url)
     preemptions_before = metric(server.url, "vllm:num_preemptions_total")
+    # the growers first, so that they are admitted together while their prompts are short
+    order = list(range(12, 15)) + list(range(12))
     with ThreadPoolExecutor(len(jobs)) as pool:
-        responses = list(pool.map(lambda job: complete(server.url, job[0], max_tokens=128, xargs=job[1]), jobs))
+        futures = {}
+        for i in order:
+            prompt, xargs, max_tokens = jobs[i]
+            futures[i] = pool.submit(complete, server.url, prompt, max_tokens=max_tokens, xargs=xargs)
+            time.sleep(0.05)
+        responses = [futures[i].result() for i in range(len(jobs))]
     assert [r.status_code for r in responses] == [200] * len(jobs), [r.text for r in responses if r.status_code != 200]
     texts = [r.json()["choices"][0]["text"] for r in responses]
-    assert all(r.json()["usage"]["completion_tokens"] == 128 for r in responses)
+    assert [r.json()["usage"]["completion_tokens"] for r in responses] == [job[2] for job in jobs]
     preemptions = metric(server.url, "vllm:num_preemptions_total") - preemptions_before
     assert preemptions > 0, "the burst was meant to exceed the KV cache"
     # Requests without eviction are exact under any load. Evicting requests may differ from the one-at-a-time run:
     # under load the scheduler cuts prefill chunks at other places, and eviction runs at chunk boundaries.
-    for (_, xargs), text, alone in zip(jobs, texts, sequential):
+    for (_, xargs, _), text, alone in zip(jobs, texts, sequential):
         if xargs == none:
             assert text == alone
     same = sum(t == s for t, s in zip(texts, sequential))
