@@ -110,10 +110,10 @@ def verdict_vs_baselines(agg: list[dict]) -> list[str]:
 
 def baseline_cells(load: dict, loads: list[dict]) -> dict:
     """`none` cells of every load test run on the same server set-up (model, KV cache, prompts, chunk), by
-    (max_tokens, load level): the compression sweep has no `none` of its own."""
+    (max_tokens, load level), for a load test without a `none` of its own; its own `none` wins (same run, same noise)."""
     same = lambda other: all(other[k] == load[k] for k in ("model", "kv_blocks", "prompt_tokens", "chunk", "load"))  # noqa: E731
-    return {(c["max_tokens"], c[other["load"]]): c for other in loads if same(other)
-            for c in other["cells"] if c["policy"] == "none"}
+    ordered = [other for other in loads if other is not load and same(other)] + [load]
+    return {(c["max_tokens"], c[other["load"]]): c for other in ordered for c in other["cells"] if c["policy"] == "none"}
 
 
 def load_section(load: dict, none: dict) -> list[str]:

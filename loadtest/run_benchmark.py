@@ -34,7 +34,7 @@ PRESETS = {
                      "--prompt-tokens", "2048", "--concurrency", "16", "--requests", "32", "--max-tokens", "1", "32",
                      "256"],
             # ReST-KV across compression ratios; budget 4096 > prompt: nothing evicted, the overhead point
-            "tiny-compression": ["--model", "tiny", "--policies", "restkv", "--budgets", "128", "512", "1024", "4096",
+            "tiny-compression": ["--model", "tiny", "--policies", "none", "restkv", "--budgets", "128", "512", "1024", "4096",
                                  "--kv-blocks", "64", "--prompt-tokens", "2048", "--concurrency", "16",
                                  "--requests", "32", "--max-tokens", "1", "32", "256"],
             # concurrency sweep

@@ -248,6 +248,20 @@ def test_o5_qr_norm_equals_the_explicit_projection():
     assert rel_err(scoring.projected_norm(x.float(), R32), explicit) < 1e-4
 
 
+@pytest.mark.parametrize("chunk", [3, 10, 4096])
+def test_projected_distance_by_group_and_chunk_equals_the_explicit_projection(chunk):
+    """6 query heads on 2 KV heads, 10 tokens in chunks of 3 (the last one short), one chunk, a chunk beyond L."""
+    g = torch.Generator().manual_seed(13)
+    W = torch.randn(16, 6 * 8, generator=g, dtype=F64)
+    R = scoring.wo_factors(W, 6)
+    value = torch.randn(2, 10, 8, generator=g, dtype=F64)
+    center = torch.randn(6, 8, generator=g, dtype=F64)
+    explicit = torch.stack([(W[:, h * 8:(h + 1) * 8] @ (center[h][:, None] - value[h // 3].T)).norm(dim=0)
+                            for h in range(6)])
+    got = scoring.projected_distance(value, center, R, chunk=chunk)
+    assert got.shape == (6, 10) and torch.allclose(got, explicit, atol=1e-12)
+
+
 def test_window_attention_against_brute_force():
     q, k, _, _ = random_case(12, L=20, w=5)
     assert torch.allclose(scoring.window_attention(q, k), brute_attention(q, k), atol=1e-14)

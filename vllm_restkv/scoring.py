@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 GQA_MODES = ("mean", "max", "mean_raw")
+DISTANCE_CHUNK = 2048  # prefix tokens projected at once in "after" mode (a buffer of chunk * H * d floats)
 BEFORE_CHUNK = 4096  # prefix keys projected at once in "before" mode (memory H * w * chunk * d)
 
 
@@ -97,6 +98,32 @@ def projected_norm(diff: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return torch.einsum("hij,hnj->hni", factor.to(diff.dtype), flat).norm(dim=-1).reshape(diff.shape[:-1])
 
 
+def projected_distance(value: torch.Tensor, center: torch.Tensor, factor: torch.Tensor,
+                       chunk: int = DISTANCE_CHUNK) -> torch.Tensor:
+    """||R_h (center_h - v_j)|| for every query head h and token j: value [H_kv, P, d] (not expanded), center
+    [H, d], factor [H, d, d] -> [H, P].
+
+    The difference comes first, as in the official code and the Triton kernel (projecting first would cancel
+    badly for a sink with a_bar ~ 1, whose o_bar ~ v_j). Tokens go in chunks through reused buffers: fresh
+    [H, P, d] tensors cost more in page faults than the products themselves.
+    """
+    h_kv, length, d = value.shape
+    h = center.shape[0]
+    group = h // h_kv
+    factor_t = factor.to(value.dtype).transpose(1, 2)  # x @ R^T = (R x)^T
+    center = center.to(value.dtype).view(h_kv, group, 1, d)
+    out = value.new_empty(h, length)
+    size = min(chunk, length)
+    diff_buffer, projected_buffer = value.new_empty(h, size, d), value.new_empty(h, size, d)
+    for start in range(0, length, chunk):
+        stop = min(start + chunk, length)
+        diff, projected = diff_buffer[:, : stop - start], projected_buffer[:, : stop - start]
+        torch.sub(center, value[:, None, start:stop], out=diff.view(h_kv, group, stop - start, d))
+        torch.bmm(diff, factor_t, out=projected)
+        torch.linalg.vector_norm(projected, dim=-1, out=out[:, start:stop])
+    return out
+
+
 def restkv_scores_from_attention(attn: torch.Tensor, value: torch.Tensor, factor: torch.Tensor, prefix: int,
                                  alpha: float) -> torch.Tensor:
     """ReST-KV "after" mode from the window attention [H, w, L]: [H, P] with P = `prefix`.
@@ -105,11 +132,13 @@ def restkv_scores_from_attention(attn: torch.Tensor, value: torch.Tensor, factor
     window keys are left out, as in the official code); S_j = a_bar_j / (1 - a_bar_j) * ||W_o^h (o_bar - v_j)||,
     the exact leave-one-out error of a virtual query with attention a_bar (oracle O2).
     """
-    h = attn.shape[0]
-    v = expand_kv(value.to(attn.dtype), h)[:, :prefix]  # [H, P, d]
-    a_bar = ema(attn[:, :, :prefix], alpha, dim=1)  # [H, P]
-    o_bar = torch.einsum("hp,hpd->hd", a_bar, v)
-    return odds(a_bar) * projected_norm(o_bar[:, None, :] - v, factor)
+    h, w, _ = attn.shape
+    h_kv = value.shape[0]
+    v = value.to(attn.dtype)[:, :prefix]  # [H_kv, P, d], shared by the query heads of a group
+    weights = ema_weights(w, alpha, attn.dtype, attn.device)
+    a_bar = torch.matmul(weights, attn[:, :, :prefix])  # [H, P]
+    o_bar = torch.bmm(a_bar.view(h_kv, h // h_kv, prefix), v).view(h, -1)  # [H, d]
+    return odds(a_bar) * projected_distance(v, o_bar, factor)
 
 
 def restkv_scores_before_from_attention(attn: torch.Tensor, value: torch.Tensor, factor: torch.Tensor,
@@ -160,16 +189,19 @@ def restkv_scores_before(query: torch.Tensor, key: torch.Tensor, value: torch.Te
 
 def drift_score(attn: torch.Tensor, n: int) -> torch.Tensor:
     """AWS drift s_h [H]: mean over i < w/2 and rank r of (position of the r-th top key of query i) minus (that of
-    query i + w/2), the n top keys of each query listed in ascending order of attention."""
+    query i + w/2), the n top keys of each query listed in ascending order of attention.
+
+    A mean over ranks of a difference is the difference of the mean positions of the two top-n sets, so the order
+    inside each set does not matter: an unsorted top-n suffices, and integer sums keep positions beyond 2^24 exact.
+    """
     h, w, length = attn.shape
     n = min(n, length)
     half = w // 2
     if half == 0 or n <= 0:
         return torch.zeros(h, dtype=attn.dtype, device=attn.device)
-    # topk is far cheaper than a full sort over L; flip gives ascending order of attention
-    early = attn[:, :half].topk(n, dim=-1).indices.flip(-1)
-    late = attn[:, half: 2 * half].topk(n, dim=-1).indices.flip(-1)
-    return (early.to(attn.dtype) - late.to(attn.dtype)).mean(dim=(1, 2))
+    early = attn[:, :half].topk(n, dim=-1, sorted=False).indices.sum(dim=(1, 2))
+    late = attn[:, half: 2 * half].topk(n, dim=-1, sorted=False).indices.sum(dim=(1, 2))
+    return (early - late).to(attn.dtype) / (half * n)
 
 
 def aws_kernel_and_shift(s: torch.Tensor, beta: float, k_min: int) -> tuple[list[int], list[int]]:
@@ -189,9 +221,13 @@ def adaptive_window_pool(scores: torch.Tensor, attn: torch.Tensor, budget_prefix
     attn [H, w, L] (section 4; oracle O4)."""
     ks, ms = aws_kernel_and_shift(drift_score(attn, budget_prefix), beta, k_min)
     out = torch.empty_like(scores)
-    for h, (k, m) in enumerate(zip(ks, ms)):
-        padded = F.pad(scores[h][None, None], (k // 2 - m, k // 2 + m), mode="replicate")
-        out[h] = F.avg_pool1d(padded, k, stride=1)[0, 0]
+    heads_by_shape: dict[tuple[int, int], list[int]] = {}
+    for h, shape in enumerate(zip(ks, ms)):
+        heads_by_shape.setdefault(shape, []).append(h)
+    for (k, m), heads in heads_by_shape.items():  # usually one group: k = k_min and the same m for every head
+        index = torch.tensor(heads, device=scores.device)
+        padded = F.pad(scores[index][:, None], (k // 2 - m, k // 2 + m), mode="replicate")
+        out[index] = F.avg_pool1d(padded, k, stride=1)[:, 0]
     return out
 
 
