@@ -143,20 +143,22 @@ def test_eviction_frees_blocks_and_runs_more_requests_at_once(tiny_model):
 
 
 def test_admission_by_what_a_request_will_hold(tiny_model):
-    """6 prompts of 900 tokens (8 blocks each), 15 usable blocks. vLLM admits a request only when its whole prompt
-    fits; an evicting request (budget 128, chunks of 256) never holds more than 3 blocks, so 5 run at once. With a
-    budget it never reaches, requests are sized by their whole prompt as in vLLM: one runs at a time and nothing is
-    preempted (admitting them by chunk would thrash: admitted, preempted, recomputed)."""
-    prompts = [prompt_ids(900, seed=70 + i) for i in range(6)]
-    spec = {"model": str(tiny_model), "prompts": prompts, "max_tokens": 8, "max_model_len": 1024,
-            "llm": {"num_gpu_blocks_override": 16, "max_num_seqs": 8, "max_num_batched_tokens": 256}}
+    """8 prompts of 2,048 tokens (16 blocks each), 63 usable blocks, chunks of 512. vLLM admits a request when its
+    whole prompt fits in the free blocks; an evicting request (budget 128) never holds more than budget + one chunk
+    (5 blocks), so far more run at once. With a budget it never reaches, requests are sized by their whole prompt:
+    3 at a time (3 x 17 blocks with decode), no preemption. That also needs the blocks promised to requests still
+    in chunked prefill: chunks cut at eviction boundaries leave step budget to admit more requests, and counting
+    only the blocks already held over-admitted (5 running, 8 preemptions before the fix)."""
+    prompts = [prompt_ids(2048, seed=70 + i) for i in range(8)]
+    spec = {"model": str(tiny_model), "prompts": prompts, "max_tokens": 32, "max_model_len": 4096,
+            "llm": {"num_gpu_blocks_override": 64, "max_num_seqs": 8, "max_num_batched_tokens": 512}}
     evicting = run_engine({**spec, "kv_eviction": {"policy": "restkv", "budget": 128}})
     never_reached = run_engine({**spec, "kv_eviction": {"policy": "restkv", "budget": 4096}})
-    assert evicting["max_running"] >= 4, evicting["max_running"]
-    assert never_reached["max_running"] == 1, never_reached["max_running"]
+    assert evicting["max_running"] >= 6, evicting["max_running"]
+    assert never_reached["max_running"] == 3, never_reached["max_running"]
     assert never_reached["preemptions"] == 0 and evicting["preemptions"] == 0
     for result in (evicting, never_reached):
-        assert all(len(t) == 8 for t in result["tokens"])
+        assert all(len(t) == 32 for t in result["tokens"])
         assert result["final_free_blocks"] == result["idle_free_blocks"]
 
 

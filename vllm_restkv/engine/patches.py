@@ -183,14 +183,15 @@ def _wrap_allocate_slots(original):
     def allocate_slots(self, request, *args, full_sequence_must_fit: bool = False, **kwargs):
         # vLLM admits a waiting request only when its whole sequence fits in the free blocks
         # (scheduler_reserve_full_isl). An evicting request never holds more than budget + one chunk, so it is
-        # admitted when that fits; every other request (eviction off, or a budget it never reaches) keeps vLLM's
-        # check, so it waits instead of being admitted, preempted and recomputed.
+        # sized by that; every other request by its whole sequence, and vLLM's own check still runs for it.
+        # Both also leave the blocks that running requests in chunked prefill were admitted with (vLLM counts
+        # only blocks already held, which over-admits once chunks are cut short at eviction boundaries).
         eviction = getattr(self, "restkv", None)
         if full_sequence_must_fit and eviction is not None:
             tokens = eviction.admission_tokens(request)
+            if not eviction.can_admit(tokens, kwargs.get("reserved_blocks", 0)):
+                return None
             if tokens < request.num_tokens:
-                if not eviction.can_admit(tokens, kwargs.get("reserved_blocks", 0)):
-                    return None
                 full_sequence_must_fit = False
         return original(self, request, *args, full_sequence_must_fit=full_sequence_must_fit, **kwargs)
 

@@ -124,10 +124,19 @@ class SchedulerEviction:
         growth = max(self.prefill_stride, self.config.decode_interval or 0)
         return min(full, budget + growth)
 
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.scheduler.block_size)
+
+    def promised_blocks(self) -> int:
+        """Blocks that running requests still need to reach their admission size (a request admitted while
+        another is in chunked prefill must not take the blocks the first one was admitted with)."""
+        held = self.manager.req_to_blocks
+        return sum(max(0, self.blocks_for(self.admission_tokens(r)) - len(held.get(r.request_id, ())))
+                   for r in self.scheduler.running)
+
     def can_admit(self, tokens: int, reserved_blocks: int = 0) -> bool:
-        block_size = self.scheduler.block_size
-        needed = -(-tokens // block_size)
-        return self.block_pool.get_num_free_blocks() - reserved_blocks >= needed
+        free = self.block_pool.get_num_free_blocks() - reserved_blocks - self.promised_blocks()
+        return free >= self.blocks_for(tokens)
 
     def forget(self, req_id: str) -> None:
         self.evicted.pop(req_id, None)
