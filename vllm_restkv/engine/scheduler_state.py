@@ -128,11 +128,14 @@ class SchedulerEviction:
         return -(-tokens // self.scheduler.block_size)
 
     def promised_blocks(self) -> int:
-        """Blocks that running requests still need to reach their admission size (a request admitted while
-        another is in chunked prefill must not take the blocks the first one was admitted with)."""
+        """Blocks that running requests in prefill still need to reach their admission size (a request admitted
+        while another is in chunked prefill must not take the blocks the first one was admitted with)."""
         held = self.manager.req_to_blocks
         return sum(max(0, self.blocks_for(self.admission_tokens(r)) - len(held.get(r.request_id, ())))
-                   for r in self.scheduler.running)
+                   for r in self.scheduler.running
+                   # in prefill (a resumed request replays its output tokens too); decode growth is not
+                   # reserved, as in vLLM
+                   if r.num_computed_tokens < max(r.num_prompt_tokens, r.num_tokens - 1))
 
     def can_admit(self, tokens: int, reserved_blocks: int = 0) -> bool:
         free = self.block_pool.get_num_free_blocks() - reserved_blocks - self.promised_blocks()
