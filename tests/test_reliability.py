@@ -18,6 +18,7 @@ import random
 import re
 import signal
 import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,7 +34,8 @@ API_KEY = "reliability-key"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 PLUGINS = "restkv,restkv_metrics,restkv_moderations"
 BLOCKS = 24
-BLNS = Path(__file__).resolve().parents[1] / ".cache" / "test-data" / "blns.json"
+REPO = Path(__file__).resolve().parents[1]
+BLNS = REPO / ".cache" / "test-data" / "blns.json"
 SERVER_ARGS = ["--max-model-len", "2048", "--dtype", "float32", "--max-num-batched-tokens", "256",
                "--max-num-seqs", "16", "--num-gpu-blocks-override", str(BLOCKS),
                "--kv-eviction", "restkv", "--kv-eviction-budget", "128"]
@@ -200,6 +202,48 @@ def test_naughty_strings_and_hostile_bodies_get_answers_or_4xx(server, reference
     assert httpx.get(server.url + "/health", timeout=10).status_code == 200
     print(f"\n[reliability] hostile input: {2 * len(strings)} naughty-string requests and {len(hostile)} hostile "
           f"bodies; statuses {dict(sorted(statuses.items()))}")
+    assert_reference_unchanged(server, reference)
+
+
+def test_openapi_fuzzing_finds_no_server_error(server, reference, tmp_path):
+    """Schemathesis generates requests from the server's own OpenAPI schema (valid and invalid bodies) for the
+    endpoints that reach eviction: /v1/moderations (ours) and /v1/completions (per-request settings in
+    vllm_xargs). No 5xx, the server stays up, and other requests' outputs are unchanged."""
+    exe = Path(sys.executable).parent / "schemathesis"
+    report = tmp_path / "fuzz.json"
+    proc = subprocess.run(
+        [str(exe), "run", server.url + "/openapi.json", "--checks", "not_a_server_error",
+         "--include-path-regex", "^/v1/(moderations|completions)$", "--max-examples", "25", "--seed", "1",
+         "--workers", "1", "--request-timeout", "120", "--generation-database", "none", "--no-color",
+         "--header", f"Authorization: Bearer {API_KEY}", "--report", "json", "--report-json-path", str(report)],
+        capture_output=True, text=True, timeout=1200, cwd=tmp_path)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-6000:]
+    cases = sum(int(n) for n in re.findall(r"(\d+) generated", out))
+    operations = re.findall(r"^\s*(POST /v1/\S+)", out, re.M)
+    assert cases >= 50, out[-3000:]
+    assert httpx.get(server.url + "/health", timeout=10).status_code == 200
+    print(f"\n[reliability] OpenAPI fuzzing (schemathesis): {cases} generated cases on "
+          f"{sorted(set(operations)) or 'POST /v1/moderations, POST /v1/completions'}, no server error")
+    assert_reference_unchanged(server, reference)
+
+
+def test_soak_rounds_keep_memory_flat_and_lose_nothing(server, reference, tmp_path):
+    """loadtest/soak.py, the manual soak mode, for 5 rounds against this server: mixed evicting and non-evicting
+    requests, decode growth, disconnects and bad arguments at once; after each round every block is back, the
+    reference answers the same, and the server's memory (PSS of its process tree) does not grow from round 2 on."""
+    out = tmp_path / "soak.json"
+    proc = subprocess.run([sys.executable, str(REPO / "loadtest" / "soak.py"), "--url", server.url, "--pid",
+                           str(server.proc.pid), "--api-key", API_KEY, "--rounds", "5", "--warmup", "2",
+                           "--max-growth-mib", "48", "--out", str(out)], capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(out.read_text())
+    assert len(result["rounds"]) == 5 and result["failures"] == []
+    assert all(r["outcomes"].get("4xx") == 3 and r["outcomes"].get("ok") == 10 for r in result["rounds"])
+    assert result["rounds"][-1]["preemptions"] > 0
+    print(f"\n[reliability] soak: {len(result['rounds'])} rounds of {result['rounds'][0]['requests']} requests, "
+          f"server PSS {[r['pss_mib'] for r in result['rounds']]} MiB (growth {result['growth_mib']} MiB from "
+          f"round 2), {result['rounds'][-1]['preemptions']:.0f} preemptions")
     assert_reference_unchanged(server, reference)
 
 
