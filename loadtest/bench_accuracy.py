@@ -165,6 +165,7 @@ def measure(args) -> dict:
                         measured["p"] = p_flagged(r["top"], yes_ids, no_ids)
                     else:
                         measured["needle"] = item["answer"].lower() in r["text"].lower()
+                    r.update(measured)  # per item in the JSON too: the report pairs policies item by item
                     group.append((item, per_item[r["item"]], measured))
                 if group:
                     rows.append(summarise(policy, budget, length, group, threshold))

@@ -83,8 +83,35 @@ def accuracy_section(acc: dict, agg: list[dict]) -> list[str]:
         lines.append(f"| {r['policy']} | {r['budget'] or 'full'} | {r['length']} | {r['compression']:.1f}x | "
                      f"{fmt(r.get('agreement'), '.3f')} | {fmt(r['kl'], '.4f')} | {fmt(r.get('needle_accuracy'), '.2f')} | "
                      f"{fmt(r.get('auroc'), '.3f')} |")
-    lines += ["", *verdict_vs_baselines(agg)]
+    lines += ["", *verdict_vs_baselines(agg), *paired_kl_intervals(acc)]
     return lines
+
+
+def paired_kl_intervals(acc: dict, resamples: int = 2000, seed: int = 0) -> list[str]:
+    """Mean per-item KL difference restkv - baseline at each budget <= 512 with a 95% paired bootstrap interval
+    (same items, resampled together): whether a ranking between policies is more than the choice of items."""
+    import random
+
+    per = {}
+    for r in acc.get("raw", []):
+        if "kl" in r:
+            per.setdefault((r["policy"], r["budget"]), {})[r["item"]] = r["kl"]
+    if not per:
+        return ["Per-item KL is not in this run's JSON (older bench_accuracy.py), so no intervals.", ""]
+    rng = random.Random(seed)
+    out = ["Paired by item, restkv KL minus baseline KL (mean, 95% bootstrap interval; below 0 = restkv closer to "
+           "the full cache; an interval across 0 does not separate them):", ""]
+    for (policy, budget), baseline in sorted(per.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        mine = per.get(("restkv", budget))
+        if policy not in BASELINES or budget > 512 or not mine:
+            continue
+        diffs = [mine[i] - baseline[i] for i in sorted(set(mine) & set(baseline))]
+        means = sorted(sum(rng.choices(diffs, k=len(diffs))) / len(diffs) for _ in range(resamples))
+        low, high = means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
+        verdict = "restkv closer" if high < 0 else f"{policy} closer" if low > 0 else "not separated"
+        out.append(f"- budget {budget}, vs {policy}: {sum(diffs) / len(diffs):+.4f} [{low:+.4f}, {high:+.4f}] over "
+                   f"{len(diffs)} items: {verdict}")
+    return [*out, ""] if len(out) > 2 else []
 
 
 def verdict_vs_baselines(agg: list[dict]) -> list[str]:
