@@ -60,22 +60,28 @@ def metric(text: str, name: str) -> float:
     return total
 
 
-def tree_pss(pid: int) -> int:
-    """Proportional set size of the server's process tree (shared pages counted once, unlike summed RSS)."""
+def pss_by_process(pid: int) -> dict[str, int]:
+    """Proportional set size in bytes of each process of the server's tree, by "name (pid)" (the root is the API
+    server); shared pages are counted once across them, unlike RSS."""
     import psutil
 
     try:
         root = psutil.Process(pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0
-    total = 0
+        return {}
+    out = {}
     for p in procs:
         try:
-            total += p.memory_full_info().pss
+            out[f"{'api-server' if p is root else p.name()} ({p.pid})"] = p.memory_full_info().pss
         except psutil.NoSuchProcess:
             pass
-    return total
+    return out
+
+
+def tree_pss(pid: int) -> int:
+    """Proportional set size of the server's whole process tree."""
+    return sum(pss_by_process(pid).values())
 
 
 class Sampler:

@@ -31,7 +31,7 @@ sys.path.insert(0, str(REPO / "loadtest"))
 
 import httpx  # noqa: E402
 
-from bench_load import metric, tree_pss  # noqa: E402
+from bench_load import metric, pss_by_process  # noqa: E402
 
 MIB = 1 << 20
 
@@ -91,25 +91,6 @@ class Client:
             time.sleep(0.5)
 
 
-def pss_by_process(pid: int) -> dict[str, float]:
-    """MiB per process of the server's tree (API server, engine core, ...): which one grows."""
-    import psutil
-
-    out: dict[str, float] = {}
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return out
-    for proc in procs:
-        try:
-            name = proc.name() if proc is not root else "api-server"
-            out[f"{name} ({proc.pid})"] = round(proc.memory_full_info().pss / MIB, 1)
-        except psutil.NoSuchProcess:
-            pass
-    return out
-
-
 def round_jobs(rng: random.Random, scale: float) -> list[tuple[str, tuple]]:
     """(kind, arguments) of one round; `scale` shrinks prompt lengths for small caches."""
     n = lambda tokens: max(64, int(tokens * scale))  # noqa: E731
@@ -161,9 +142,10 @@ def soak(client: Client, pid: int, rounds: int | None, minutes: float | None, wa
         counts: dict[str, int] = {}
         for outcome in outcomes:
             counts[outcome] = counts.get(outcome, 0) + 1
+        memory = pss_by_process(pid)  # one walk of the process tree: the total is their sum
         record = {"round": i + 1, "seconds": round(time.time() - t0, 1), "requests": len(jobs), "outcomes": counts,
-                  "reference_unchanged": same, "pss_mib": round(tree_pss(pid) / MIB, 1),
-                  "pss_by_process": pss_by_process(pid),
+                  "reference_unchanged": same, "pss_mib": round(sum(memory.values()) / MIB, 1),
+                  "pss_by_process": {name: round(b / MIB, 1) for name, b in memory.items()},
                   "preemptions": metric(client.metrics(), "vllm:num_preemptions_total") - preemptions0}
         records.append(record)
         log(f"round {i + 1}{f'/{rounds}' if rounds else ''}: {record['seconds']} s, {counts}, reference "

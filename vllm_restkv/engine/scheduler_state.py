@@ -18,7 +18,7 @@ import logging
 from typing import Any
 
 from vllm_restkv.config import NO_EVICTION, KVEvictionConfig
-from vllm_restkv.engine.worker_state import prefill_stride, request_overrides
+from vllm_restkv.engine.worker_state import cdiv, prefill_stride, request_overrides
 
 logger = logging.getLogger("vllm.restkv")
 
@@ -124,14 +124,11 @@ class SchedulerEviction:
         growth = max(self.prefill_stride, self.config.decode_interval or 0)
         return min(full, budget + growth)
 
-    def blocks_for(self, tokens: int) -> int:
-        return -(-tokens // self.scheduler.block_size)
-
     def promised_blocks(self) -> int:
         """Blocks that running requests in prefill still need to reach their admission size (a request admitted
         while another is in chunked prefill must not take the blocks the first one was admitted with)."""
         held = self.manager.req_to_blocks
-        return sum(max(0, self.blocks_for(self.admission_tokens(r)) - len(held.get(r.request_id, ())))
+        return sum(max(0, cdiv(self.admission_tokens(r), self.scheduler.block_size) - len(held.get(r.request_id, ())))
                    for r in self.scheduler.running
                    # in prefill (a resumed request replays its output tokens too); decode growth is not
                    # reserved, as in vLLM
@@ -139,7 +136,7 @@ class SchedulerEviction:
 
     def can_admit(self, tokens: int, reserved_blocks: int = 0) -> bool:
         free = self.block_pool.get_num_free_blocks() - reserved_blocks - self.promised_blocks()
-        return free >= self.blocks_for(tokens)
+        return free >= cdiv(tokens, self.scheduler.block_size)
 
     def forget(self, req_id: str) -> None:
         self.evicted.pop(req_id, None)
