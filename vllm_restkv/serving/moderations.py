@@ -3,7 +3,10 @@
 
 Two ways of scoring, chosen from what the server runs:
 - pooling runner with a 2-label sequence classifier (the default moderator, `vllm-restkv model prepare --name
-  moderator`): each input goes through vLLM's own `/classify` handler; the score is the probability of the flag label.
+  moderator`). With `"scoring": "max_token"` in its moderator.json (recipe 2), each prompt goes to the engine as a
+  `token_classify` request (the same checkpoint, vLLM's ALL pooling, chunked prefill kept) and the score is the
+  highest probability of the flag label over the text's positions and the prompt's last token, so an insult
+  buried deep in a long thread counts; otherwise each input goes through vLLM's own `/classify` handler (last token).
 - generate runner (a generative guard model): each input goes through vLLM's completions handler with one output
   token and top log-probabilities; the score is P(yes) / (P(yes) + P(no)) over the configured answer tokens.
 Either way the request runs through the engine with KV eviction (chunked prefill evicts at every chunk boundary).
@@ -139,6 +142,8 @@ class Moderator:
     def __init__(self, state, args, engine_client):
         from transformers import AutoTokenizer
 
+        from vllm_restkv.moderator import template_parts
+
         vllm_config = state.vllm_config
         model_config = vllm_config.model_config
         self.runner = model_config.runner_type
@@ -148,18 +153,16 @@ class Moderator:
         self.served_names = list(state.openai_serving_models.base_model_paths[i].name
                                  for i in range(len(state.openai_serving_models.base_model_paths)))
         self.tokenizer = AutoTokenizer.from_pretrained(model_config.tokenizer)
-        template = self.config["prompt_template"]
-        head, _, tail = template.partition("{text}")
-        self.head_ids = self.tokenizer(head, add_special_tokens=False)["input_ids"]
-        self.tail_ids = self.tokenizer(tail, add_special_tokens=False)["input_ids"]
-        specials = len(self.tokenizer("x")["input_ids"]) - len(self.tokenizer("x", add_special_tokens=False)["input_ids"])
-        reserve = len(self.head_ids) + len(self.tail_ids) + max(specials, 0) + (1 if self.runner == "generate" else 0)
+        self.prefix, self.tail_ids = template_parts(self.tokenizer, self.config["prompt_template"])
+        reserve = len(self.prefix) + len(self.tail_ids) + (1 if self.runner == "generate" else 0)
         self.segment_tokens = model_config.max_model_len - reserve
         if self.segment_tokens < 16:
             raise RuntimeError(f"vllm-restkv: --max-model-len {model_config.max_model_len} leaves no room for text "
                                f"after the moderation template ({reserve} tokens)")
-        bos = self.tokenizer.bos_token_id if specials > 0 else None
-        self.prefix = ([bos] if bos is not None else []) + self.head_ids
+        self.engine_client, self.model_config = engine_client, model_config
+        self.scan = self.config.get("scoring", "last_token")
+        if self.scan not in ("last_token", "max_token"):
+            raise RuntimeError(f"vllm-restkv: moderator.json `scoring` must be last_token or max_token, not {self.scan!r}")
         # vLLM's request classes, imported here so that a moved module fails at start-up, not per request
         if self.runner == "pooling":
             from vllm.entrypoints.pooling.classify.protocol import ClassificationCompletionRequest
@@ -199,7 +202,42 @@ class Moderator:
         size = math.ceil(len(ids) / n)
         return [self.prefix + ids[i: i + size] + self.tail_ids for i in range(0, max(len(ids), 1), size)], len(ids)
 
+    async def check_engine(self) -> None:
+        if self.runner == "pooling" and self.scan == "max_token":
+            tasks = await self.engine_client.get_supported_tasks()
+            if "token_classify" not in tasks:
+                raise RuntimeError(f"vllm-restkv: this moderator scores every position (moderator.json scoring "
+                                   f"max_token) but the engine offers only {tasks}; serve it with --runner pooling "
+                                   f"and without --pooler-config overrides of the pooling type")
+
+    async def scan_tokens(self, prompts: list[list[int]]) -> list[float]:
+        """Highest flag-label probability over each prompt's text and last token (token_classify, one engine
+        request per prompt; a cancelled HTTP request cancels these and vLLM aborts them)."""
+        from vllm.pooling_params import PoolingParams
+
+        k = self.config.get("labels", ["benign", "insult"]).index(self.config.get("flag_label", "insult"))
+        base_id = f"modr-{uuid.uuid4().hex}"
+
+        async def one(i: int, ids: list[int]) -> float:
+            params = PoolingParams(task="token_classify")
+            params.verify(self.model_config)
+            final = None
+            try:
+                async for out in self.engine_client.encode({"prompt_token_ids": ids}, params, f"{base_id}-{i}"):
+                    final = out
+            except ValueError as e:  # vLLM's request validation (VLLMValidationError is one)
+                raise ModerationError(400, f"the engine refused the request: {e}") from e
+            probs = final.outputs.data[:, k]  # softmax per position
+            # the head was trained on comment ends inside threads and on the template's last token; the tail's
+            # other positions (" insult or attack", " Answer") were never trained and are left out
+            text = probs[len(self.prefix): len(ids) - len(self.tail_ids)]
+            return max(float(text.max()) if len(text) else 0.0, float(probs[-1]))
+
+        return list(await asyncio.gather(*(one(i, ids) for i, ids in enumerate(prompts))))
+
     async def score(self, state, raw_request, prompts: list[list[int]], model: str) -> list[float]:
+        if self.runner == "pooling" and self.scan == "max_token":
+            return await self.scan_tokens(prompts)
         if self.runner == "pooling":
             request = self.request_class(model=model, input=prompts, add_special_tokens=False)
             response = await state.serving_classification(request, raw_request)
@@ -246,7 +284,9 @@ class ModerationsPlugin:
     async def init_state(self, engine_client, state, args) -> None:
         if engine_client is None:
             return
-        state.restkv_moderator = Moderator(state, args, engine_client)
+        moderator = Moderator(state, args, engine_client)
+        await moderator.check_engine()
+        state.restkv_moderator = moderator
 
 
 async def _handle(raw_request: Request) -> Any:
@@ -281,6 +321,7 @@ async def _handle(raw_request: Request) -> Any:
     ev = moderator.eviction
     extension = {
         "policy": ev.policy,
+        "scoring": moderator.scan if moderator.runner == "pooling" else "answer_logprobs",
         "budget": ev.budget if ev.enabled else None,
         "inputs": [{"prompt_tokens": sum(len(p) for p in segs), "input_tokens": n, "segments": len(segs)}
                    for segs, n in split],
