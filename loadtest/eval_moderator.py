@@ -75,6 +75,8 @@ def serve(model: Path, policy: str, budget: int, chunk: int, log_dir: Path):
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--variant", choices=["moderator", "moderator-threads"], default="moderator",
+                   help="which moderator: the default (single comments, last token) or the thread-trained token scan")
     p.add_argument("--threads", type=int, default=60)
     p.add_argument("--thread-tokens", type=int, default=2000)
     p.add_argument("--policies", nargs="+", default=["restkv", "snapkv", "streamingllm"])
@@ -88,7 +90,7 @@ def main() -> int:
     if args.replot:
         plot(json.loads(args.replot.read_text()), args.replot.with_suffix(".png"))
         return 0
-    model = prepare_moderator(log=log)
+    model = prepare_moderator(log=log, variant="comments" if args.variant == "moderator" else "threads")
     log_dir = REPO / ".cache" / "eval-moderator"
     log_dir.mkdir(parents=True, exist_ok=True)
     from transformers import AutoTokenizer
@@ -98,7 +100,8 @@ def main() -> int:
     meta = json.loads((model / "moderator.json").read_text())
     result = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "threads": args.threads,
               "thread_tokens": args.thread_tokens, "chunk": args.chunk, "seed": args.seed,
-              "moderator": {"recipe_version": meta.get("recipe_version"), "scoring": meta.get("scoring", "last_token")},
+              "moderator": {"variant": args.variant, "recipe_version": meta.get("recipe_version"),
+                            "scoring": meta.get("scoring", "last_token")},
               "runs": []}
 
     log("full cache server ...")

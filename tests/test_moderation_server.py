@@ -37,12 +37,37 @@ def moderator_model():
     return prepare_moderator()
 
 
+SERVER_ARGS = ["--runner", "pooling", "--max-model-len", "4096", "--max-num-batched-tokens", str(CHUNK),
+               "--api-key", API_KEY, "--kv-eviction", "restkv", "--kv-eviction-budget", str(BUDGET)]
+
+
 @pytest.fixture(scope="module")
 def server(moderator_model, tmp_path_factory):
     log = tmp_path_factory.mktemp("mod") / "serve.log"
-    args = ["--runner", "pooling", "--max-model-len", "4096", "--max-num-batched-tokens", str(CHUNK),
-            "--api-key", API_KEY, "--kv-eviction", "restkv", "--kv-eviction-budget", str(BUDGET)]
-    with running_server(moderator_model, args, log, env=server_env(VLLM_PLUGINS=PLUGINS)) as s:
+    with running_server(moderator_model, SERVER_ARGS, log, env=server_env(VLLM_PLUGINS=PLUGINS)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def scan_model(moderator_model, tmp_path_factory):
+    """The default moderator's checkpoint with `"scoring": "max_token"` in its moderator.json (the token scan of the
+    `moderator-threads` variant; the same head, so the test needs no second training)."""
+    import json
+
+    out = tmp_path_factory.mktemp("scan") / moderator_model.name
+    out.mkdir()
+    for item in moderator_model.iterdir():
+        if item.name != "moderator.json":
+            (out / item.name).symlink_to(item)
+    meta = json.loads((moderator_model / "moderator.json").read_text())
+    (out / "moderator.json").write_text(json.dumps({**meta, "scoring": "max_token"}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def scan_server(scan_model, tmp_path_factory):
+    log = tmp_path_factory.mktemp("scan-serve") / "serve.log"
+    with running_server(scan_model, SERVER_ARGS, log, env=server_env(VLLM_PLUGINS=PLUGINS)) as s:
         yield s
 
 
@@ -118,7 +143,19 @@ def reference_token_scores(model_dir, ids: list[int]) -> list[float]:
     return logits.softmax(-1)[:, 1].tolist()
 
 
-def test_moderation_scores_the_most_insulting_position(server, moderator_model):
+def test_moderation_matches_vllm_classify(server):
+    """/v1/moderations (default moderator, scoring last_token) scores what vLLM's own /classify returns for the
+    templated text."""
+    text = BENIGN[1]
+    mod = httpx.post(server.url + "/v1/moderations", json={"input": text}, headers=headers(), timeout=60).json()
+    cls = httpx.post(server.url + "/classify", json={"model": "m", "input": PROMPT_TEMPLATE.format(text=text)},
+                     headers=headers(), timeout=60).json()
+    assert abs(mod["results"][0]["category_scores"]["harassment"] - cls["data"][0]["probs"][1]) < 0.01
+    assert mod["restkv"]["policy"] == "restkv" and mod["restkv"]["scoring"] == "last_token"
+    assert mod["restkv"]["inputs"][0]["segments"] == 1
+
+
+def test_token_scan_scores_the_most_insulting_position(scan_server, scan_model):
     """/v1/moderations (scoring max_token) returns the highest per-position P(insult) over the text and the prompt's
     last token, as a separate transformers computation of the same checkpoint gives it; vLLM's /classify (last
     position) is one of those positions, so it is never above."""
@@ -126,36 +163,21 @@ def test_moderation_scores_the_most_insulting_position(server, moderator_model):
 
     from vllm_restkv.moderator import template_parts
 
-    tokenizer = AutoTokenizer.from_pretrained(str(moderator_model))
+    tokenizer = AutoTokenizer.from_pretrained(str(scan_model))
     prefix, tail = template_parts(tokenizer)
     for text in (BENIGN[1], "Great match. " + INSULTS[0] + " Anyway, see you all on Sunday at the park."):
-        mod = httpx.post(server.url + "/v1/moderations", json={"input": text}, headers=headers(), timeout=60).json()
+        mod = httpx.post(scan_server.url + "/v1/moderations", json={"input": text}, headers=headers(),
+                         timeout=60).json()
         score = mod["results"][0]["category_scores"]["harassment"]
         ids = prefix + tokenizer(text, add_special_tokens=False)["input_ids"] + tail
-        ref = reference_token_scores(moderator_model, ids)
+        ref = reference_token_scores(scan_model, ids)
         expected = max(ref[len(prefix): len(ids) - len(tail)] + ref[-1:])
         assert abs(score - expected) < 0.03, (score, expected)
-        cls = httpx.post(server.url + "/classify", json={"model": "m", "input": PROMPT_TEMPLATE.format(text=text)},
+        cls = httpx.post(scan_server.url + "/classify", json={"model": "m", "input": PROMPT_TEMPLATE.format(text=text)},
                          headers=headers(), timeout=60).json()
         assert cls["data"][0]["probs"][1] <= score + 0.01
         assert mod["restkv"]["policy"] == "restkv" and mod["restkv"]["scoring"] == "max_token"
         assert mod["restkv"]["inputs"][0]["segments"] == 1
-
-
-def test_insult_buried_in_a_long_thread_is_found_under_eviction(server):
-    """3,000-token threads of benign comments, evicted to BUDGET tokens at every chunk boundary, with one insult at
-    depth 0, 0.5 or 0.9: the token scan reads the insult where it stands, so each scores above the same thread
-    without it. (The margin is what the 135M moderator gives: its scan also finds borderline positions in benign
-    threads, see README "Accuracy"; the test pins the mechanism, not a detection rate.)"""
-    texts = [long_thread(3000, INSULTS[0], d) for d in (0.0, 0.5, 0.9)] + [long_thread(3000, None)]
-    r = httpx.post(server.url + "/v1/moderations", json={"input": texts}, headers=headers(), timeout=900)
-    assert r.status_code == 200, r.text
-    body = r.json()
-    scores = [x["category_scores"]["harassment"] for x in body["results"]]
-    assert min(x["prompt_tokens"] for x in body["restkv"]["inputs"]) > 10 * BUDGET
-    print("scores (depth 0, 0.5, 0.9, none):", scores)
-    assert min(scores[:3]) > scores[3], scores
-    assert all(x["flagged"] for x in body["results"][:3]), scores
 
 
 @pytest.mark.parametrize("body,status,needle", [
@@ -229,6 +251,33 @@ def test_long_input_beyond_the_context_is_scored_in_segments(server):
     assert r.status_code == 200, r.text
     info = r.json()["restkv"]["inputs"][0]
     assert info["segments"] >= 2 and info["input_tokens"] > 4096
+
+
+@pytest.mark.parametrize("which", ["server", "scan_server"])
+def test_client_that_disconnects_cancels_its_moderation(which, request):
+    """A client that gives up on a long moderation request (8 segments of ~3,000 tokens, about a minute of CPU
+    prefill) cancels it: the engine requests are aborted, nothing keeps running, the KV blocks come back, and the
+    outcome is counted as cancelled; the next request is served. Both scoring paths: vLLM's classify handler and
+    the token scan's own engine requests."""
+    server = request.getfixturevalue(which)
+    before = httpx.get(server.url + "/metrics", timeout=30).text
+    texts = [long_thread(6000, INSULTS[i % 3], 0.3) for i in range(4)]  # max-model-len 4096: 2 segments each
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/moderations", json={"input": texts}, headers=headers(), timeout=4)
+    deadline = time.time() + 15
+    while True:
+        m = httpx.get(server.url + "/metrics", timeout=30).text
+        idle = total(m, "vllm:num_requests_running") == 0 and total(m, "vllm:num_requests_waiting") == 0
+        if idle and total(m, "vllm:kv_cache_usage_perc") == 0.0:
+            break
+        assert time.time() < deadline, "the cancelled moderation is still running"
+        time.sleep(0.5)
+    cancelled = metric_values(m, "restkv_moderation_results_total")
+    before_cancelled = metric_values(before, "restkv_moderation_results_total")
+    key = next(k for k in cancelled if 'outcome="cancelled"' in k)
+    assert cancelled[key] == before_cancelled.get(key, 0.0) + 1
+    ok = httpx.post(server.url + "/v1/moderations", json={"input": INSULTS[1]}, headers=headers(), timeout=60)
+    assert ok.status_code == 200 and ok.json()["results"][0]["flagged"] is True
 
 
 @pytest.fixture

@@ -1,6 +1,6 @@
 """`vllm-restkv`: project commands that are not `vllm serve` itself.
 
-    vllm-restkv model prepare [--name smollm2|tiny|moderator]   build an offline model once, print its directory
+    vllm-restkv model prepare [--name smollm2|tiny|moderator|moderator-threads]   build an offline model once, print its directory
     vllm-restkv version                                plugin and supported vLLM versions
 """
 

