@@ -155,31 +155,6 @@ def test_moderation_matches_vllm_classify(server):
     assert mod["restkv"]["inputs"][0]["segments"] == 1
 
 
-def test_token_scan_scores_the_most_insulting_position(scan_server, scan_model):
-    """/v1/moderations (scoring max_token) returns the highest per-position P(insult) over the text and the prompt's
-    last token, as a separate transformers computation of the same checkpoint gives it; vLLM's /classify (last
-    position) is one of those positions, so it is never above."""
-    from transformers import AutoTokenizer
-
-    from vllm_restkv.moderator import template_parts
-
-    tokenizer = AutoTokenizer.from_pretrained(str(scan_model))
-    prefix, tail = template_parts(tokenizer)
-    for text in (BENIGN[1], "Great match. " + INSULTS[0] + " Anyway, see you all on Sunday at the park."):
-        mod = httpx.post(scan_server.url + "/v1/moderations", json={"input": text}, headers=headers(),
-                         timeout=60).json()
-        score = mod["results"][0]["category_scores"]["harassment"]
-        ids = prefix + tokenizer(text, add_special_tokens=False)["input_ids"] + tail
-        ref = reference_token_scores(scan_model, ids)
-        expected = max(ref[len(prefix): len(ids) - len(tail)] + ref[-1:])
-        assert abs(score - expected) < 0.03, (score, expected)
-        cls = httpx.post(scan_server.url + "/classify", json={"model": "m", "input": PROMPT_TEMPLATE.format(text=text)},
-                         headers=headers(), timeout=60).json()
-        assert cls["data"][0]["probs"][1] <= score + 0.01
-        assert mod["restkv"]["policy"] == "restkv" and mod["restkv"]["scoring"] == "max_token"
-        assert mod["restkv"]["inputs"][0]["segments"] == 1
-
-
 @pytest.mark.parametrize("body,status,needle", [
     ({"input": ""}, 400, "empty"),
     ({"input": []}, 400, "must not be empty"),
@@ -253,13 +228,11 @@ def test_long_input_beyond_the_context_is_scored_in_segments(server):
     assert info["segments"] >= 2 and info["input_tokens"] > 4096
 
 
-@pytest.mark.parametrize("which", ["server", "scan_server"])
-def test_client_that_disconnects_cancels_its_moderation(which, request):
+def test_client_that_disconnects_cancels_its_moderation(server):
     """A client that gives up on a long moderation request (8 segments of ~3,000 tokens, about a minute of CPU
     prefill) cancels it: the engine requests are aborted, nothing keeps running, the KV blocks come back, and the
-    outcome is counted as cancelled; the next request is served. Both scoring paths: vLLM's classify handler and
-    the token scan's own engine requests."""
-    server = request.getfixturevalue(which)
+    outcome is counted as cancelled; the next request is served. (vLLM's classify handler; the token scan's own
+    engine requests below.)"""
     before = httpx.get(server.url + "/metrics", timeout=30).text
     texts = [long_thread(6000, INSULTS[i % 3], 0.3) for i in range(4)]  # max-model-len 4096: 2 segments each
     with pytest.raises(httpx.ReadTimeout):
@@ -327,9 +300,9 @@ def test_real_prometheus_scrapes_our_metrics_after_traffic(server, prometheus):
     assert 0 < float(kept["value"][1]) < 1
     (flagged,) = prom_query(prometheus, 'sum(restkv_moderation_results_total{outcome="flagged"})')
     assert float(flagged["value"][1]) >= 1
-    # vLLM's own metrics arrive through the same scrape, and its KV usage is back to zero
-    (usage,) = prom_query(prometheus, "sum(vllm:kv_cache_usage_perc)")
-    assert float(usage["value"][1]) == 0.0
+    # vLLM's own metrics arrive through the same scrape, and its KV usage comes back to zero (a later scrape than
+    # the one that saw the final eviction count: the request's last chunk evicts nothing and may still be running)
+    wait_for(prometheus, "sum(vllm:kv_cache_usage_perc)", lambda r: float(r[0]["value"][1]) == 0.0)
 
 
 def test_metrics_add_up_across_several_api_servers(moderator_model, tmp_path):
@@ -381,3 +354,35 @@ def test_thread_training_positions_are_the_ends_of_comments():
     assert tokenizer.decode(ids[len(prefix): positions[0] + 1]).endswith(lines[0])
     assert all(len(prefix) <= p < positions[0] for p in positions[1:4]) and len(set(positions[1:4])) == 3
     assert tokenizer.decode(ids[len(prefix): positions[4] + 1]).endswith(lines[1])
+
+
+# The token scan (moderator.json "scoring": "max_token") on a second server, started last so that it runs next to
+# the first one as briefly as possible (two engines share 2 CPU cores).
+
+def test_token_scan_scores_the_most_insulting_position(scan_server, scan_model):
+    """/v1/moderations (scoring max_token) returns the highest per-position P(insult) over the text and the prompt's
+    last token, as a separate transformers computation of the same checkpoint gives it; vLLM's /classify (last
+    position) is one of those positions, so it is never above."""
+    from transformers import AutoTokenizer
+
+    from vllm_restkv.moderator import template_parts
+
+    tokenizer = AutoTokenizer.from_pretrained(str(scan_model))
+    prefix, tail = template_parts(tokenizer)
+    for text in (BENIGN[1], "Great match. " + INSULTS[0] + " Anyway, see you all on Sunday at the park."):
+        mod = httpx.post(scan_server.url + "/v1/moderations", json={"input": text}, headers=headers(),
+                         timeout=60).json()
+        score = mod["results"][0]["category_scores"]["harassment"]
+        ids = prefix + tokenizer(text, add_special_tokens=False)["input_ids"] + tail
+        ref = reference_token_scores(scan_model, ids)
+        expected = max(ref[len(prefix): len(ids) - len(tail)] + ref[-1:])
+        assert abs(score - expected) < 0.03, (score, expected)
+        cls = httpx.post(scan_server.url + "/classify", json={"model": "m", "input": PROMPT_TEMPLATE.format(text=text)},
+                         headers=headers(), timeout=60).json()
+        assert cls["data"][0]["probs"][1] <= score + 0.01
+        assert mod["restkv"]["policy"] == "restkv" and mod["restkv"]["scoring"] == "max_token"
+        assert mod["restkv"]["inputs"][0]["segments"] == 1
+
+
+def test_client_that_disconnects_cancels_a_token_scan(scan_server):
+    test_client_that_disconnects_cancels_its_moderation(scan_server)
