@@ -210,7 +210,7 @@ def thread_training_set(tokenizer, log=print):
     samples = []
     for k in range(DENSE_THREADS):
         chosen = [rows[i] for i in order[k * DENSE_LINES: (k + 1) * DENSE_LINES]]
-        lines = [f"[user{rng.randrange(1000):03d}]: {t[:400]}" for t, _ in chosen]
+        lines = [benchdata._line(rng, t[:400]) for t, _ in chosen]
         samples.append(thread_sample(tokenizer, lines, [y for _, y in chosen], rng,
                                      inner_negatives=DENSE_INNER_NEGATIVES))
     pools = benchdata.comment_pools("train", clean_filler=True)
