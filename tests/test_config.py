@@ -125,8 +125,10 @@ def test_engine_args_made_safe_for_eviction_and_unsupported_features_refused():
                            pipeline_parallel_size=1, kv_cache_dtype="auto", speculative_config=None)
     prepare_engine_args(args, config)
     assert args.enforce_eager is True and args.enable_prefix_caching is False and args.async_scheduling is False
-    for field, value, fragment in (("enable_prefix_caching", True, "--enable-prefix-caching"),
-                                   ("async_scheduling", True, "--async-scheduling"),
+    asked = SimpleNamespace(**{**vars(args), "enable_prefix_caching": True})
+    prepare_engine_args(asked, config)
+    assert asked.enable_prefix_caching is True  # honoured: requests that may be compacted bypass the cache
+    for field, value, fragment in (("async_scheduling", True, "--async-scheduling"),
                                    ("pipeline_parallel_size", 2, "tensor parallelism"),
                                    ("kv_cache_dtype", "fp8_e4m3", "--kv-cache-dtype auto")):
         bad = SimpleNamespace(**{**vars(args), "enable_prefix_caching": None, field: value})

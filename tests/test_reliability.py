@@ -1,7 +1,7 @@
 """Reliability under load, faults and hostile input, with eviction on, against real `vllm serve` processes.
 
 One server (tiny model, fp32, restkv budget 128, chunked prefill 256, a KV cache capped at 24 blocks of 128 tokens,
---api-key) takes: a burst of long requests that cannot all fit without eviction (preemptions happen), clients
+prefix caching on, --api-key) takes: a burst of long requests that cannot all fit without eviction (preemptions happen), clients
 that disconnect during chunked prefill and during decode, the Big List of Naughty Strings and other hostile
 bodies. After each, the server must still answer a reference request exactly as before, and every KV block must
 be back in the pool. A second server is killed in its engine core: the API server must exit (so an orchestrator
@@ -37,7 +37,7 @@ BLOCKS = 24
 REPO = Path(__file__).resolve().parents[1]
 BLNS = REPO / ".cache" / "test-data" / "blns.json"
 SERVER_ARGS = ["--max-model-len", "2048", "--dtype", "float32", "--max-num-batched-tokens", "256",
-               "--max-num-seqs", "16", "--num-gpu-blocks-override", str(BLOCKS),
+               "--max-num-seqs", "16", "--num-gpu-blocks-override", str(BLOCKS), "--enable-prefix-caching",
                "--kv-eviction", "restkv", "--kv-eviction-budget", "128"]
 
 
@@ -156,15 +156,40 @@ def test_clients_that_disconnect_lose_their_blocks(server, reference):
     assert_reference_unchanged(server, reference)
 
 
-def test_shared_prefixes_never_leak_between_requests(server):
-    """Same long prefix, different suffixes, evicted: A, then B, then A again, and A and B at once."""
+def test_shared_prefixes_with_prefix_caching_never_leak_between_requests(server):
+    """The server runs with --enable-prefix-caching. A and B share an 800-token prefix (6 full blocks of 128)
+    and differ after it; A is 1,100 tokens (8 full blocks). Evicting requests must neither read the cache (their
+    compaction rewrites their first blocks in place) nor write it; requests that never evict use it as usual."""
     prefix = prompt_ids(800, seed=400)
-    a, b = prefix + prompt_ids(50, seed=401), prefix + prompt_ids(50, seed=402)
-    first_a = complete(server.url, a).json()["choices"][0]["text"]
-    first_b = complete(server.url, b).json()["choices"][0]["text"]
-    assert first_a != first_b
-    assert complete(server.url, a).json()["choices"][0]["text"] == first_a
+    a, b = prefix + prompt_ids(300, seed=401), prefix + prompt_ids(50, seed=402)
+    none = {"kv_eviction": "none"}
+
+    def run(prompt, xargs=None) -> tuple[str, float]:
+        """Text, and prompt tokens found in the prefix cache (vLLM's own counter; read once the server is idle)."""
+        before = metric(server.url, "vllm:prefix_cache_hits_total")
+        r = complete(server.url, prompt, xargs=xargs)
+        assert r.status_code == 200, r.text
+        wait_idle(server.url)
+        return r.json()["choices"][0]["text"], metric(server.url, "vllm:prefix_cache_hits_total") - before
+
+    ref_b, hits = run(b, none)
+    assert hits == 0  # nothing of this prefix cached yet; B (no eviction) caches its 6 full blocks
+    first_a, hits = run(a)  # evicting (budget 128): does not read B's blocks
+    assert hits == 0
+    again_b, hits = run(b, none)  # B's cached blocks are intact after A's compaction
+    assert hits == 768 and again_b == ref_b
+    full_a, hits = run(a, none)  # 6 blocks from B, none from the evicting run of A (it would have cached 8)
+    assert hits == 768 and full_a != first_a
+    within, hits = run(a, {"kv_eviction_budget": 1200})  # 1,100 + 16 tokens fit the budget: never evicts, reads
+    assert hits == 1024 and within == full_a
+    assert run(a)[0] == first_a  # and an evicting run still reads nothing
+    with ThreadPoolExecutor(3) as pool:  # evicting and cache-reading requests on the same prefix at once
+        futures = [pool.submit(complete, server.url, prompt, xargs=x) for prompt, x in
+                   ((a, None), (b, none), (a, {"kv_eviction_budget": 256}))]
+        texts = [f.result().json()["choices"][0]["text"] for f in futures]
+    assert texts[1] == ref_b
     wait_idle(server.url)
+    assert run(b, none)[0] == ref_b
 
 
 def test_naughty_strings_and_hostile_bodies_get_answers_or_4xx(server, reference):

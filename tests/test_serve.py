@@ -86,7 +86,7 @@ def test_help_lists_the_flags():
         (["--kv-eviction", "restkv", "--kv-eviction-budget", "-1"], "expected a positive integer, got '-1'"),
         (["--kv-eviction", "restkv", "--kv-eviction-budget", "8"], "budget 8 is smaller than the observation window 32"),
         (["--additional-config", '{"kv_eviction": {"policy": "nope"}}'], "unknown policy 'nope'; allowed policies:"),
-        (["--kv-eviction", "restkv", "--enable-prefix-caching"], "prefix caching (--enable-prefix-caching) is not supported"),
+        (["--kv-eviction", "restkv", "--async-scheduling"], "--async-scheduling is not supported with KV eviction"),
     ],
 )
 def test_bad_start_up_configuration_stops_with_a_message(tiny_model, flags, message):

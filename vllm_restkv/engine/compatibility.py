@@ -20,15 +20,13 @@ def prepare_engine_args(args: Any, config: KVEvictionConfig) -> None:
 
     if getattr(args, "speculative_config", None):
         refuse("speculative decoding (--speculative-config)", "remove --speculative-config or use --kv-eviction none")
-    if getattr(args, "enable_prefix_caching", None) is True:
-        refuse(
-            "prefix caching (--enable-prefix-caching)",
-            "compacted blocks must never be shared or hashed; drop --enable-prefix-caching "
-            "(eviction turns it off by default) or use --kv-eviction none",
-        )
+    # Prefix caching: requests that may be compacted bypass it (SchedulerEviction.bypasses_prefix_cache), so it
+    # only pays off for requests that never evict; off unless asked for, to spare every request the block hashing.
     if getattr(args, "enable_prefix_caching", None) is None:
-        logger.info("vllm-restkv: prefix caching is turned off because KV eviction (%s) is on", policy)
-    args.enable_prefix_caching = False
+        logger.info("vllm-restkv: prefix caching is turned off because KV eviction (%s) is on; pass "
+                    "--enable-prefix-caching to cache requests that never evict (eviction off or sequence within "
+                    "the budget)", policy)
+        args.enable_prefix_caching = False
     if getattr(args, "async_scheduling", None) is True:
         refuse("--async-scheduling", "drop --async-scheduling (eviction frees blocks at step boundaries)")
     args.async_scheduling = False

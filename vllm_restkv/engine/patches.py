@@ -219,6 +219,28 @@ def _wrap_free_request_blocks(original):
     return _free_request_blocks
 
 
+def _wrap_prefix_cache_lookup_enabled(original):
+    @functools.wraps(original)
+    def prefix_cache_lookup_enabled(self, request):
+        eviction = getattr(self, "restkv", None)
+        if eviction is not None and eviction.bypasses_prefix_cache(request):
+            return False
+        return original(self, request)
+
+    return prefix_cache_lookup_enabled
+
+
+def _wrap_cache_blocks(original):
+    @functools.wraps(original)
+    def cache_blocks(self, request, *args, **kwargs):
+        eviction = getattr(self, "restkv", None)
+        if eviction is not None and eviction.bypasses_prefix_cache(request):
+            return None
+        return original(self, request, *args, **kwargs)
+
+    return cache_blocks
+
+
 def _wrap_get_num_blocks_to_allocate(original):
     @functools.wraps(original)
     def get_num_blocks_to_allocate(self, request_id, num_tokens, *args, **kwargs):
@@ -327,7 +349,7 @@ PATCHES: list[Patch] = [
         "vllm.engine.arg_utils:EngineArgs.create_engine_config",
         _wrap_create_engine_config,
         "validates additional_config['kv_eviction'] before any engine starts (`vllm serve` and `LLM(...)`), "
-        "refuses unsupported features and turns prefix caching off",
+        "refuses unsupported features and turns prefix caching off unless asked for",
     ),
     Patch(
         "vllm.sampling_params:SamplingParams._verify_extra_args",
@@ -349,6 +371,17 @@ PATCHES: list[Patch] = [
         _wrap_allocate_slots,
         "admission by what a request will hold: budget + one chunk for an evicting request instead of its whole "
         "prompt (vLLM's scheduler_reserve_full_isl check); unchanged for requests that never evict",
+    ),
+    Patch(
+        "vllm.v1.core.kv_cache_manager:KVCacheManager.prefix_cache_lookup_enabled",
+        _wrap_prefix_cache_lookup_enabled,
+        "with --enable-prefix-caching, a request that may be compacted never reads the prefix cache (compaction "
+        "rewrites its first blocks in place: they must not be shared); it is not counted in the hit-rate stats",
+    ),
+    Patch(
+        "vllm.v1.core.single_type_kv_cache_manager:FullAttentionManager.cache_blocks",
+        _wrap_cache_blocks,
+        "... and never writes it (a compacted block must never be found by its hash)",
     ),
     Patch(
         "vllm.v1.core.sched.scheduler:Scheduler.update_from_output",

@@ -55,6 +55,7 @@ class SchedulerEviction:
             )
         self.manager = managers[0]
         self.manager.restkv_evicted = self.evicted
+        self.manager.restkv = self  # prefix-cache writes (patches._wrap_cache_blocks)
         self.block_pool = scheduler.kv_cache_manager.block_pool
         self.prefill_stride = prefill_stride(scheduler.scheduler_config)
         logger.info("vllm-restkv: KV eviction on in the scheduler: %s", config.to_dict())
@@ -123,6 +124,26 @@ class SchedulerEviction:
             return full
         growth = max(self.prefill_stride, self.config.decode_interval or 0)
         return min(full, budget + growth)
+
+    def bypasses_prefix_cache(self, request: Any) -> bool:
+        """Whether this request stays out of vLLM's prefix cache (reads and writes), with --enable-prefix-caching.
+
+        Compaction rewrites a request's first blocks in place, so a request that may be compacted must neither
+        share a cached block (it would corrupt it for every other reader) nor cache its own (their hashes would
+        name content they no longer hold). A request that can never be compacted uses the cache as usual: eviction
+        off for it, or its whole sequence (prompt + max_tokens) within its budget (the worker compacts only when a
+        request's physical length exceeds its budget). Decided once per request.
+        """
+        bypass = getattr(request, "restkv_bypasses_prefix_cache", None)
+        if bypass is None:
+            if request.sampling_params is not None:
+                policy, budget = request_overrides(request.sampling_params, self.config)
+            else:  # pooling requests run with the server's settings (as in the worker)
+                policy, budget = self.config.policy, self.config.budget
+            longest = request.num_prompt_tokens + max(int(request.max_tokens or 0), 1)
+            bypass = policy != NO_EVICTION and longest > budget
+            request.restkv_bypasses_prefix_cache = bypass
+        return bypass
 
     def promised_blocks(self) -> int:
         """Blocks that running requests in prefill still need to reach their admission size (a request admitted
