@@ -10,8 +10,8 @@ bad per-request arguments (must get a 4xx). Then it waits until nothing runs and
 (every block back in the pool), checks that a reference request still answers exactly as in round 1, and records
 the proportional set size (PSS) of the server's process tree (and per process). Memory counts from round `--warmup`
 on (allocators and caches settle in the first rounds); a least-squares slope above `--max-growth-mib-per-round`
-fails the run. Measured 2026-11-29 (tiny model, 12 rounds): ~10 MiB per round with restkv, ~8 MiB per round with
-eviction off, all of it in vLLM's CPU worker process; not explained yet (shape-keyed kernel caches are suspected).
+fails the run. Measured 2026-11-30 (tiny model, 20 rounds): 0.75 MiB per round, after the plugin turned oneDNN's
+global primitive cache off on CPU (it was ~6 MiB per round, eviction on or off; docs/benchmarks.md, "Worker memory").
 The result (per-round memory, requests, statuses, preemptions) goes to `--out` as JSON, with a plot next to it.
 """
 

@@ -1,6 +1,8 @@
 """Eviction settings: parsing, defaults and the errors users see for bad values."""
 
 import argparse
+import logging
+import os
 import re
 
 import pytest
@@ -160,3 +162,25 @@ def test_good_and_foreign_request_settings_pass():
     for xargs in ({"kv_eviction_budget": 64}, {"kv_eviction": "none"}, {"kv_eviction": " SnapKV "},
                   {"other_plugin_key": 1}, None):
         validate_request_args(xargs, server)
+
+
+def test_onednn_primitive_cache_is_turned_off_on_cpu_unless_the_user_set_it(monkeypatch, caplog):
+    from vllm_restkv import plugin
+
+    for name in (plugin.ONEDNN_CACHE_ENV, "DNNL_PRIMITIVE_CACHE_CAPACITY", plugin._ONEDNN_MARKER):
+        monkeypatch.delenv(name, raising=False)
+    plugin._bound_onednn_primitive_cache()
+    assert os.environ[plugin.ONEDNN_CACHE_ENV] == "0" and os.environ[plugin._ONEDNN_MARKER] == "1"
+    logger = logging.getLogger("vllm.restkv")  # vLLM's loggers may not propagate to caplog's root handler
+    logger.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger="vllm.restkv"):
+            plugin._bound_onednn_primitive_cache()  # as in a child process: it says so
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert "ONEDNN_PRIMITIVE_CACHE_CAPACITY=0" in caplog.text
+    for name in (plugin.ONEDNN_CACHE_ENV, plugin._ONEDNN_MARKER):
+        monkeypatch.delenv(name)
+    monkeypatch.setenv(plugin.ONEDNN_CACHE_ENV, "1024")  # the user's choice stands
+    plugin._bound_onednn_primitive_cache()
+    assert os.environ[plugin.ONEDNN_CACHE_ENV] == "1024" and plugin._ONEDNN_MARKER not in os.environ

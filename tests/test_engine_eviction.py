@@ -164,16 +164,20 @@ def test_admission_by_what_a_request_will_hold(tiny_model):
 
 def test_preemption_of_evicted_requests(tiny_model):
     """A cache too small for the decode growth forces preemptions of compacted requests; they recompute from
-    scratch, are evicted again, and complete; no block leaks. Run twice: outputs are deterministic."""
+    scratch, are evicted again, and complete; no block leaks. One request runs without eviction. Run again with
+    prefix caching on (the non-evicting request may then resume from its own cached blocks; the evicting ones
+    bypass the cache): the same tokens."""
     prompts = [prompt_ids(600, seed=20 + i) for i in range(4)]
     spec = {"model": str(tiny_model), "prompts": prompts, "max_tokens": 200, "max_model_len": 1024,
             "kv_eviction": {"policy": "restkv", "budget": 512, "decode_interval": 256},
+            "extra_args": [None, None, None, {"kv_eviction": "none"}],
             "llm": {"num_gpu_blocks_override": 16, "max_num_seqs": 4}}
     first = run_engine(spec)
-    assert first["preemptions"] > 0
-    assert all(len(t) == 200 for t in first["tokens"])
-    assert first["final_free_blocks"] == first["idle_free_blocks"]
-    second = run_engine(spec)
+    second = run_engine({**spec, "llm": {**spec["llm"], "enable_prefix_caching": True}})
+    for result in (first, second):
+        assert result["preemptions"] > 0
+        assert all(len(t) == 200 for t in result["tokens"])
+        assert result["final_free_blocks"] == result["idle_free_blocks"]
     assert second["tokens"] == first["tokens"]
 
 
