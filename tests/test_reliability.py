@@ -300,10 +300,26 @@ def test_dead_engine_makes_the_server_exit_and_a_restart_serves(tiny_model, tmp_
             code = s.proc.wait(timeout=90)
         except subprocess.TimeoutExpired:
             pytest.fail("the API server kept running after its engine core died")
-        # vLLM 0.32's API server shuts down when its engine core dies, but with status 0 (checked here so that a
-        # change is noticed): restart on any exit (Kubernetes restartPolicy Always, systemd Restart=always)
-        assert code == 0, code
+        # vLLM 0.32's API server shuts down when its engine core dies, with status 0; the plugin makes it 1 so that
+        # supervisors see a failure (systemd Restart=on-failure too; Kubernetes restarts on any exit)
+        assert code == 1, code
         assert "engine core exited unexpectedly" in s.output()
+        assert "the engine core died; `vllm serve` exits with status 1" in s.output()
     with running_server(tiny_model, SERVER_ARGS, tmp_path / "second.log", env=server_env(VLLM_PLUGINS=PLUGINS)) as s:
         r = complete(s.url, prompt_ids(400, seed=5))
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 16
+
+
+def test_requested_shutdown_exits_with_status_0(tiny_model, tmp_path):
+    """SIGTERM after traffic, to the API server alone (Kubernetes, docker stop) and to the whole process group
+    (systemctl stop): the engine core stops on request, not dead, so the status is 0, not the 1 of a death."""
+    for group in (False, True):
+        with running_server(tiny_model, SERVER_ARGS, tmp_path / f"serve-{group}.log",
+                            env=server_env(VLLM_PLUGINS=PLUGINS)) as s:
+            assert complete(s.url, prompt_ids(400, seed=6)).status_code == 200
+            time.sleep(6)  # past one tick of vLLM's 5 s engine watchdog
+            if group:
+                os.killpg(s.proc.pid, signal.SIGTERM)
+            else:
+                s.proc.send_signal(signal.SIGTERM)
+            assert s.proc.wait(timeout=90) == 0, s.output()[-3000:]

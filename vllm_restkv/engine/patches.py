@@ -16,6 +16,7 @@ import functools
 import importlib
 from collections.abc import Callable
 import logging
+import signal
 from typing import Any
 
 from vllm_restkv import cli_args
@@ -47,9 +48,49 @@ def _wrap_add_cli_args(original):
     def add_cli_args(parser, *args, **kwargs):
         parser = original(parser, *args, **kwargs)
         cli_args.add_kv_eviction_args(parser)
+        # Only the CLI process builds a parser: apply the `vllm serve` patches here, so the engine processes never
+        # import the HTTP stack for them.
+        apply_all(SERVE_PATCHES)
         return parser
 
     return add_cli_args
+
+
+# ---------- `vllm serve` process: exit status when the engine core dies ----------
+
+_engine_died = False
+
+
+def _wrap_client_shutdown(original):
+    @functools.wraps(original)
+    def shutdown(self, *args, **kwargs):
+        global _engine_died
+        # The first shutdown of a client whose engine is already marked dead: vLLM's monitor marks it when an engine
+        # core process exits (then shuts the client down), and so does an engine core's fatal-error message. It is
+        # a death unless every engine core exited cleanly (status 0, or SIGTERM/SIGINT: `systemctl stop` signals the
+        # whole process group). A shutdown on request reaches here with the engine not yet marked; later calls are
+        # no-ops.
+        if self._finalizer.alive and self.resources.engine_dead:
+            manager = self.resources.engine_manager
+            processes = getattr(manager, "processes", None) or []
+            clean = (0, -signal.SIGTERM, -signal.SIGINT)
+            if not processes or any(p.exitcode not in clean for p in processes):
+                _engine_died = True
+        return original(self, *args, **kwargs)
+
+    return shutdown
+
+
+def _wrap_serve_cmd(original):
+    @functools.wraps(original)
+    def cmd(args):
+        original(args)
+        if _engine_died:
+            logger.error("vllm-restkv: the engine core died; `vllm serve` exits with status 1 so that a supervisor "
+                         "(Kubernetes, systemd) restarts it")
+            raise SystemExit(1)
+
+    return cmd
 
 
 def _wrap_from_cli_args(original):
@@ -447,6 +488,21 @@ PATCHES: list[Patch] = [
     ),
 ]
 
+# Applied in the `vllm serve` process only, when it builds its argument parser (see _wrap_add_cli_args).
+SERVE_PATCHES: list[Patch] = [
+    Patch(
+        "vllm.v1.engine.core_client:MPClient.shutdown",
+        _wrap_client_shutdown,
+        "notes that the engine core died (its client is shut down with the engine already marked dead) ...",
+    ),
+    Patch(
+        "vllm.entrypoints.cli.serve:ServeSubcommand.cmd",
+        _wrap_serve_cmd,
+        "... and then `vllm serve` exits with status 1 instead of vLLM 0.32's 0, so supervisors see a failure",
+        kind="staticmethod",
+    ),
+]
+
 _applied: set[str] = set()
 
 
@@ -464,9 +520,9 @@ def _resolve(target: str) -> tuple[Any, str, Any]:
     return owner, attr, vars(owner)[attr]
 
 
-def apply_all() -> None:
-    """Apply every patch once per process (idempotent)."""
-    for patch in PATCHES:
+def apply_all(patches: list[Patch] | None = None) -> None:
+    """Apply every patch (PATCHES, or the list given) once per process (idempotent)."""
+    for patch in PATCHES if patches is None else patches:
         if patch.target in _applied:
             continue
         owner, attr, raw = _resolve(patch.target)
@@ -477,6 +533,8 @@ def apply_all() -> None:
         else:
             setattr(owner, attr, patch.make_wrapper(raw))
         _applied.add(patch.target)
+    if patches is not None:
+        return
     if "SchedulerStats.restkv" not in _applied:
         add_scheduler_stats_field()
         _applied.add("SchedulerStats.restkv")
