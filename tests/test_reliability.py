@@ -5,7 +5,8 @@ One server (tiny model, fp32, restkv budget 128, chunked prefill 256, a KV cache
 that disconnect during chunked prefill and during decode, the Big List of Naughty Strings and other hostile
 bodies. After each, the server must still answer a reference request exactly as before, and every KV block must
 be back in the pool. A second server is killed in its engine core: the API server must exit (so an orchestrator
-restarts it; vLLM 0.32 exits with status 0 then), and a restart with the same flags must serve again.
+restarts it; with the plugin, status 1), a stop on request exits with 0, and a restart with the same flags must
+serve again.
 
 Figures for README's "Reliability" section are printed (run with -s to see them).
 """

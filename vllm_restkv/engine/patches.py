@@ -4,7 +4,8 @@ All of them were written against vLLM 0.32.0 (`vllm_restkv.version.SUPPORTED_VLL
 the version before `apply_all()` runs, and each patch checks that its target still exists, so a changed vLLM fails
 at start-up with the name of the missing function instead of misbehaving later.
 
-Besides the functions in PATCHES, two registrations: `add_scheduler_stats_field()` declares the field
+SERVE_PATCHES are applied only in the `vllm serve` process (when it builds its argument parser). Besides the
+functions in PATCHES, two registrations: `add_scheduler_stats_field()` declares the field
 `SchedulerStats.restkv` (metrics transport), and `attention_registry.register_backends()` wraps the attention
 backends through vLLM's backend registry.
 """
