@@ -6,7 +6,9 @@
 Runs the real vLLM engine once per policy (in-process, so the allocator's free-block count can be read every
 step) on the same random prompts, and prints requests/s, output tokens/s, the most requests running at once, the
 lowest free-block count while running, preemptions and blocks freed by eviction, plus ratios against `none`.
-A budget at or above the prompt length gives the no-eviction overhead point.
+A budget at or above the prompt length gives the no-eviction overhead point. With `--repeats N` the policies run
+N times, interleaved (none, restkv, none, restkv, ...), so slow phases of a noisy machine hit all of them; the
+table gives medians and the ratio to `none` of each round (median and range).
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=256)
     parser.add_argument("--policies", nargs="+", default=["none", "restkv", "snapkv", "h2o", "tova", "streamingllm"])
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--repeats", type=int, default=1, help="interleaved rounds over the policies")
+    parser.add_argument("--out", type=Path, help="also write the rows as JSON")
     args = parser.parse_args()
     import torch
 
@@ -57,31 +61,47 @@ def main() -> None:
     model = prepare(args.model, log=lambda m: print(m, file=sys.stderr))
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(100, 40000, (args.prompt_len,), generator=g).tolist() for _ in range(args.requests)]
+    runs: dict[str, list[dict]] = {p: [] for p in args.policies}
+    total = len(args.policies) * args.repeats
+    for round_ in range(args.repeats):
+        for i, policy in enumerate(args.policies):
+            step = round_ * len(args.policies) + i + 1
+            print(f"[{step}/{total}] round {round_ + 1}: {policy} ...", file=sys.stderr, flush=True)
+            spec = {"model": str(model), "prompts": prompts, "max_tokens": args.max_tokens, "dtype": args.dtype,
+                    "max_model_len": args.prompt_len + args.max_tokens + 64,
+                    "llm": {"num_gpu_blocks_override": args.blocks, "max_num_seqs": args.requests}}
+            if policy != "none":
+                spec["kv_eviction"] = {"policy": policy, "budget": args.budget}
+            r = run(spec)
+            running_free = [f for f, n in zip(r["trace"]["free_blocks"], r["trace"]["running"]) if n]
+            runs[policy].append({
+                "seconds": r["generate_seconds"], "max_running": r["max_running"],
+                "min_free_blocks": min(running_free or [0]), "preemptions": r["preemptions"],
+                "freed_blocks": (r["stats"] or {}).get("freed_blocks", 0),
+            })
+    import statistics
+
+    base_policy = "none" if "none" in runs else args.policies[0]
     rows = []
-    for i, policy in enumerate(args.policies):
-        print(f"[{i + 1}/{len(args.policies)}] {policy} ...", file=sys.stderr, flush=True)
-        spec = {"model": str(model), "prompts": prompts, "max_tokens": args.max_tokens, "dtype": args.dtype,
-                "max_model_len": args.prompt_len + args.max_tokens + 64,
-                "llm": {"num_gpu_blocks_override": args.blocks, "max_num_seqs": args.requests}}
-        if policy != "none":
-            spec["kv_eviction"] = {"policy": policy, "budget": args.budget}
-        r = run(spec)
-        running_free = [f for f, n in zip(r["trace"]["free_blocks"], r["trace"]["running"]) if n]
-        rows.append({
-            "policy": policy, "seconds": r["generate_seconds"],
-            "req_s": args.requests / r["generate_seconds"],
-            "out_tok_s": args.requests * args.max_tokens / r["generate_seconds"],
-            "max_running": r["max_running"], "min_free_blocks": min(running_free or [0]),
-            "preemptions": r["preemptions"], "freed_blocks": (r["stats"] or {}).get("freed_blocks", 0),
-        })
-    base = next((row for row in rows if row["policy"] == "none"), rows[0])
+    for policy, results in runs.items():
+        seconds = statistics.median(r["seconds"] for r in results)
+        ratios = [b["seconds"] / r["seconds"] for r, b in zip(results, runs[base_policy])]  # req/s vs none
+        rows.append({"policy": policy, "seconds": seconds, "req_s": args.requests / seconds,
+                     "out_tok_s": args.requests * args.max_tokens / seconds,
+                     "vs_none_median": statistics.median(ratios), "vs_none_min": min(ratios),
+                     "vs_none_max": max(ratios), "runs": results,
+                     **{k: results[-1][k] for k in ("max_running", "min_free_blocks", "preemptions",
+                                                     "freed_blocks")}})
     print(f"| policy | wall (s) | requests/s | output tok/s | vs none | max running | min free blocks | "
           f"preemptions | blocks freed |")
     print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
+        spread = (f" ({row['vs_none_min']:.3f}-{row['vs_none_max']:.3f})" if args.repeats > 1 else "")
         print(f"| {row['policy']} | {row['seconds']:.1f} | {row['req_s']:.2f} | {row['out_tok_s']:.1f} | "
-              f"{row['req_s'] / base['req_s']:.2f}x | {row['max_running']} | {row['min_free_blocks']} | "
+              f"{row['vs_none_median']:.3f}x{spread} | {row['max_running']} | {row['min_free_blocks']} | "
               f"{row['preemptions']} | {row['freed_blocks']} |")
+    if args.out:
+        args.out.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=1))
     print(f"\ncommand: {' '.join(sys.argv)}")
 
 
