@@ -100,8 +100,9 @@ def test_burst_beyond_the_cache_completes_with_preemptions_and_leaks_nothing(ser
     """12 long requests (800-1,790 tokens; without eviction one 1,700-token request alone needs 14 of the 23 usable
     blocks) with mixed settings: restkv (server default), restkv budget 256, snapkv, and half without eviction,
     plus 3 short prompts without eviction that each grow to 1,220 tokens while decoding. vLLM admits a request
-    by its prompt, so the growers start together and their decode growth (30 blocks) overruns the cache:
-    preemptions must happen, and everything must still complete exactly."""
+    by its prompt; the long requests are sent once all three growers run, and three growers that all keep
+    running would hold 30 of the 23 usable blocks at their end: preemptions are certain, whatever the timing,
+    and everything must still complete exactly."""
     none = {"kv_eviction": "none"}
     settings = [None, none, {"kv_eviction": "snapkv"}, none, {"kv_eviction_budget": 256}, none]
     jobs = [(prompt_ids(800 + 90 * i, seed=100 + i), settings[i % 6], 128) for i in range(12)]
@@ -113,11 +114,16 @@ def test_burst_beyond_the_cache_completes_with_preemptions_and_leaks_nothing(ser
         sequential.append(r.json()["choices"][0]["text"])
     wait_idle(server.url)
     preemptions_before = metric(server.url, "vllm:num_preemptions_total")
-    # the growers first, so that they are admitted together while their prompts are short
-    order = list(range(12, 15)) + list(range(12))
     with ThreadPoolExecutor(len(jobs)) as pool:
         futures = {}
-        for i in order:
+        for i in range(12, 15):  # the growers first, admitted together while their prompts are short
+            prompt, xargs, max_tokens = jobs[i]
+            futures[i] = pool.submit(complete, server.url, prompt, max_tokens=max_tokens, xargs=xargs)
+        deadline = time.time() + 60
+        while metric(server.url, "vllm:num_requests_running") < 3:
+            assert time.time() < deadline, "the three growers never ran together"
+            time.sleep(0.02)
+        for i in range(12):
             prompt, xargs, max_tokens = jobs[i]
             futures[i] = pool.submit(complete, server.url, prompt, max_tokens=max_tokens, xargs=xargs)
             time.sleep(0.05)

@@ -283,11 +283,16 @@ def _wrap_cache_blocks(original):
     return cache_blocks
 
 
+def _evicted_tokens(manager, request_id: str) -> int:
+    """Token slots already evicted from this request (its blocks hold that many fewer than vLLM counts)."""
+    eviction = getattr(manager, "restkv", None)
+    return eviction.evicted.get(request_id, 0) if eviction is not None else 0
+
+
 def _wrap_get_num_blocks_to_allocate(original):
     @functools.wraps(original)
     def get_num_blocks_to_allocate(self, request_id, num_tokens, *args, **kwargs):
-        evicted = getattr(self, "restkv_evicted", None)
-        e = evicted.get(request_id, 0) if evicted else 0
+        e = _evicted_tokens(self, request_id)
         if e:
             num_tokens -= e
             if "num_tokens_main_model" in kwargs:
@@ -302,8 +307,7 @@ def _wrap_get_num_blocks_to_allocate(original):
 def _wrap_allocate_new_blocks(original):
     @functools.wraps(original)
     def allocate_new_blocks(self, request_id, num_tokens, num_tokens_main_model, *args, **kwargs):
-        evicted = getattr(self, "restkv_evicted", None)
-        e = evicted.get(request_id, 0) if evicted else 0
+        e = _evicted_tokens(self, request_id)
         return original(self, request_id, num_tokens - e, num_tokens_main_model - e, *args, **kwargs)
 
     return allocate_new_blocks

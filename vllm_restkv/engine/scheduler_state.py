@@ -54,8 +54,7 @@ class SchedulerEviction:
                 f"this model has: {kinds}. Start with --kv-eviction none."
             )
         self.manager = managers[0]
-        self.manager.restkv_evicted = self.evicted
-        self.manager.restkv = self  # prefix-cache writes (patches._wrap_cache_blocks)
+        self.manager.restkv = self  # block counts and prefix-cache writes (patches._evicted_tokens, _wrap_cache_blocks)
         self.block_pool = scheduler.kv_cache_manager.block_pool
         self.prefill_stride = prefill_stride(scheduler.scheduler_config)
         logger.info("vllm-restkv: KV eviction on in the scheduler: %s", config.to_dict())
@@ -136,10 +135,8 @@ class SchedulerEviction:
         """
         bypass = getattr(request, "restkv_bypasses_prefix_cache", None)
         if bypass is None:
-            if request.sampling_params is not None:
-                policy, budget = request_overrides(request.sampling_params, self.config)
-            else:  # pooling requests run with the server's settings (as in the worker)
-                policy, budget = self.config.policy, self.config.budget
+            # pooling requests (no sampling params) run with the server's settings, as in the worker
+            policy, budget = request_overrides(request.sampling_params, self.config)
             longest = request.num_prompt_tokens + max(int(request.max_tokens or 0), 1)
             bypass = policy != NO_EVICTION and longest > budget
             request.restkv_bypasses_prefix_cache = bypass
