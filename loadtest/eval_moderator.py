@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -77,6 +78,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--variant", choices=["moderator", "moderator-threads"], default="moderator",
                    help="which moderator: the default (single comments, last token) or the thread-trained token scan")
+    p.add_argument("--scoring", choices=["last_token", "max_token", "max_line"], default=None,
+                   help="serve the moderator with this moderator.json `scoring` instead of its own (a linked copy of "
+                        "its directory under .cache/eval-moderator)")
     p.add_argument("--threads", type=int, default=60)
     p.add_argument("--thread-tokens", type=int, default=2000)
     p.add_argument("--policies", nargs="+", default=["restkv", "snapkv", "streamingllm"])
@@ -93,6 +97,8 @@ def main() -> int:
     model = prepare_moderator(log=log, variant="comments" if args.variant == "moderator" else "threads")
     log_dir = REPO / ".cache" / "eval-moderator"
     log_dir.mkdir(parents=True, exist_ok=True)
+    if args.scoring:
+        model = with_scoring(model, args.scoring, log_dir)
     from transformers import AutoTokenizer
 
     threads = build_threads(args.threads, args.thread_tokens, args.seed, AutoTokenizer.from_pretrained(str(model)))
@@ -128,22 +134,36 @@ def main() -> int:
             result["runs"].append({
                 "policy": policy, "budget": budget, "auroc": auroc(scores, labels), **by_kind(scores, threads),
                 "recall": sum(f for f, y in zip(flags, labels) if y) / max(sum(labels), 1),
+                "false_positive_rate": sum(f for f, y in zip(flags, labels) if not y) / max(len(labels) - sum(labels), 1),
                 "agreement": sum(a == b for a, b in zip(flags, full_flag)) / len(flags),
                 "mean_abs_delta": sum(abs(a - b) for a, b in zip(scores, full)) / len(scores),
             })
     print(f"held-out comments: AUROC {result['comments']['auroc']:.3f} (n={result['comments']['n']})")
     print(f"threads of ~{args.thread_tokens} tokens, n={args.threads}, chunk {args.chunk}")
-    print("| policy | budget | AUROC | AUROC explicit | AUROC implicit | recall | agreement with full cache "
-          "| mean abs delta score |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| policy | budget | AUROC | AUROC explicit | AUROC implicit | recall at 0.5 | benign flagged at 0.5 "
+          "| agreement with full cache | mean abs delta score |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for r in result["runs"]:
         print(f"| {r['policy']} | {r['budget'] or 'full'} | {r['auroc']:.3f} | {r['auroc_explicit']:.3f} | "
-              f"{r['auroc_implicit']:.3f} | {r['recall']:.2f} | {r.get('agreement', 1.0):.3f} | "
-              f"{r.get('mean_abs_delta', 0.0):.4f} |")
+              f"{r['auroc_implicit']:.3f} | {r['recall']:.2f} | {r['false_positive_rate']:.2f} | "
+              f"{r.get('agreement', 1.0):.3f} | {r.get('mean_abs_delta', 0.0):.4f} |")
     if args.out:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
         plot(result, args.out.with_suffix(".png"))
     return 0
+
+
+def with_scoring(model: Path, scoring: str, work: Path) -> Path:
+    """A directory of links to `model`'s files whose moderator.json says `scoring`."""
+    out = work / f"{model.name}-{scoring}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    for item in model.iterdir():
+        if item.name != "moderator.json":
+            (out / item.name).symlink_to(item)
+    meta = json.loads((model / "moderator.json").read_text())
+    (out / "moderator.json").write_text(json.dumps({**meta, "scoring": scoring}, indent=2) + "\n")
+    return out
 
 
 def by_kind(scores: list[float], threads: list[dict]) -> dict:
@@ -179,7 +199,8 @@ def plot(result: dict, path: Path) -> None:
         ax.set_ylim(0, 1.05)
         ax.set_title(title)
     axes[1].legend(loc="lower right", fontsize=8)
-    fig.suptitle(f"Default moderator, threads of ~{result['thread_tokens']} tokens, n={result['threads']} "
+    mod = result.get("moderator", {})
+    fig.suptitle(f"{mod.get('variant', 'moderator')} (scoring {mod.get('scoring', 'last_token')}), threads of ~{result['thread_tokens']} tokens, n={result['threads']} "
                  f"({result['date']})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -356,6 +356,49 @@ def test_thread_training_positions_are_the_ends_of_comments():
     assert tokenizer.decode(ids[len(prefix): positions[4] + 1]).endswith(lines[1])
 
 
+def test_line_scan_reads_the_end_of_every_line_and_of_every_segment():
+    """`max_line` reads, per prompt, the positions where the thread head judges a comment: decoding the prompt up to a
+    read position ends with a whole line (the rule thread training uses), and a segment that cuts a line reads its
+    last text token too. Checked on one prompt and on an input split into 3 segments."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from vllm_restkv.models import prepare_smollm2
+    from vllm_restkv.moderator import template_parts
+    from vllm_restkv.serving.moderations import Moderator
+
+    tokenizer = AutoTokenizer.from_pretrained(str(prepare_smollm2()))
+    prefix, tail = template_parts(tokenizer)
+    lines = [f"[user{i:03d}]: " + (INSULTS + BENIGN)[i % 6] for i in range(12)]
+    lines[4] = ""  # an empty line has no token and no read
+    text = "\n".join(lines)
+
+    def scanner(segment_tokens: int):
+        return SimpleNamespace(tokenizer=tokenizer, prefix=prefix, tail_ids=tail, scan="max_line",
+                               segment_tokens=segment_tokens)
+
+    prompts, n, reads = Moderator.segments(scanner(4096), text, 0)
+    assert len(prompts) == 1 and len(reads[0]) == 11
+    for pos, line in zip(reads[0], [l for l in lines if l]):
+        assert tokenizer.decode(prompts[0][len(prefix): pos + 1]).endswith(line), (pos, line)
+    prompts, n2, reads = Moderator.segments(scanner(n // 3 + 1), text, 0)
+    assert n2 == n and len(prompts) == 3
+    whole = prefix + tokenizer(text, add_special_tokens=False)["input_ids"]
+    offset = 0
+    for prompt, read in zip(prompts, reads):
+        body = prompt[len(prefix): len(prompt) - len(tail)]
+        assert read[-1] == len(prefix) + len(body) - 1  # the segment's last text token
+        for pos in read[:-1]:
+            decoded = tokenizer.decode(whole[len(prefix): len(prefix) + offset + pos - len(prefix) + 1])
+            assert any(decoded.endswith(line) for line in lines if line), pos
+        offset += len(body)
+    assert sum(len(r) for r in reads) >= 11  # every line end is read in the segment that holds it
+    # the other scans read no chosen positions
+    prompts, _, reads = Moderator.segments(SimpleNamespace(**{**vars(scanner(4096)), "scan": "max_token"}), text, 0)
+    assert reads == [[]]
+
+
 # The token scan (moderator.json "scoring": "max_token") on a second server, started last so that it runs next to
 # the first one as briefly as possible (two engines share 2 CPU cores).
 

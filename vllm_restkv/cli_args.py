@@ -79,7 +79,8 @@ def add_kv_eviction_args(parser: argparse.ArgumentParser) -> None:
         "--kv-eviction-decode-interval",
         type=_non_negative_int,
         default=None,
-        help=f"Evict back to the budget every N decode steps; 0 = never during decode (default: {defaults.decode_interval}).",
+        help=f"Evict back to the budget every N decode steps, rounded up so that a request's last KV block fills "
+        f"(an earlier eviction frees no block); 0 = never during decode (default: {defaults.decode_interval}).",
     )
     group.add_argument(
         "--kv-eviction-config",

@@ -34,7 +34,7 @@ class KVEvictionConfig:
     # Observation window: the newest tokens, always kept; their queries score the rest.
     window: int = 32
     # Where eviction runs: (a) when prefill ends, (b) at chunk boundaries of chunked prefill, (c) every
-    # `decode_interval` decode steps (0 = never during decode).
+    # `decode_interval` decode steps, rounded up to fill the request's last KV block (0 = never during decode).
     evict_after_prefill: bool = True
     evict_during_prefill: bool = True
     decode_interval: int = 64

@@ -162,6 +162,23 @@ def hidden_states_at(model, sequences: list[list[int]], positions: list[list[int
     return out
 
 
+def line_tokens(offsets: list[tuple[int, int]], lines: list[str]) -> list[list[int]]:
+    """Indices of the tokens of each line of the newline-joined `lines`, from a tokenizer's character offsets: a token
+    belongs to the line it starts in and overlaps (a token made only of the newline belongs to none). The last
+    one of a line is where the thread head was trained to judge the comment (and where `max_line` reads it)."""
+    out, char, t = [], 0, 0
+    for line in lines:
+        end = char + len(line)
+        toks = []
+        while t < len(offsets) and offsets[t][0] < end:
+            if offsets[t][1] > char:
+                toks.append(t)
+            t += 1
+        char = end + 1
+        out.append(toks)
+    return out
+
+
 def thread_sample(tokenizer, lines: list[str], labels: list[int], rng, *, inner_negatives: int = 0,
                   before_first_insult: bool = False, random_negatives: int = 0):
     """One templated thread (lines joined by newlines) and its labelled positions: the last token of each comment
@@ -173,15 +190,8 @@ def thread_sample(tokenizer, lines: list[str], labels: list[int], rng, *, inner_
     offsets = enc["offset_mapping"]
     ids = prefix + enc["input_ids"] + tail
     first = min([i for i, y in enumerate(labels) if y], default=len(lines))
-    positions, targets, char, t = [], [], 0, 0
-    for i, (line, y) in enumerate(zip(lines, labels)):
-        end = char + len(line)
-        toks = []
-        while t < len(offsets) and offsets[t][0] < end:
-            if offsets[t][1] > char:
-                toks.append(t)
-            t += 1
-        char = end + 1
+    positions, targets = [], []
+    for i, (toks, y) in enumerate(zip(line_tokens(offsets, lines), labels)):
         if not toks or (before_first_insult and not y and i > first):
             continue
         positions.append(len(prefix) + toks[-1])

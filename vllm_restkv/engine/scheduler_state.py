@@ -18,7 +18,7 @@ import logging
 from typing import Any
 
 from vllm_restkv.config import NO_EVICTION, KVEvictionConfig
-from vllm_restkv.engine.worker_state import cdiv, prefill_stride, request_overrides
+from vllm_restkv.engine.worker_state import cdiv, decode_slack, prefill_stride, request_overrides
 
 logger = logging.getLogger("vllm.restkv")
 
@@ -121,7 +121,7 @@ class SchedulerEviction:
         policy, budget = request_overrides(request.sampling_params, self.config)
         if policy == NO_EVICTION or budget >= full:
             return full
-        growth = max(self.prefill_stride, self.config.decode_interval or 0)
+        growth = max(self.prefill_stride, decode_slack(budget, self.config.decode_interval, self.scheduler.block_size))
         return min(full, budget + growth)
 
     def bypasses_prefix_cache(self, request: Any) -> bool:

@@ -101,6 +101,15 @@ def prefill_stride(scheduler_config: Any) -> int:
     return max(int(scheduler_config.max_num_batched_tokens), 1)
 
 
+def decode_slack(budget: int, interval: int, block_size: int) -> int:
+    """Decode steps between evictions back to `budget`: at least `interval` (0 = never), rounded up so that the
+    request's last KV block fills first. Evicting earlier would free no block and only cost scoring; the most
+    blocks a request holds, ceil((budget + interval) / block_size), is the same either way."""
+    if interval <= 0:
+        return 0
+    return cdiv(budget + interval, block_size) * block_size - budget
+
+
 class WorkerEviction:
     def __init__(self, runner: Any, config: KVEvictionConfig):
         self.runner = runner
@@ -199,7 +208,8 @@ class WorkerEviction:
                         phase = None  # a pooling request ends with its last chunk: nothing left to make room for
                     elif computed < num_prompt:
                         phase = "prefill" if cfg.evict_after_prefill else None
-                    elif cfg.decode_interval and physical_end - state.budget >= cfg.decode_interval:
+                    elif (cfg.decode_interval and physical_end - state.budget
+                          >= decode_slack(state.budget, cfg.decode_interval, self.block_size)):
                         phase = "decode"
                     if phase is not None:
                         self.plan.append(PlannedEviction(req_id, row, end, physical_end, phase))

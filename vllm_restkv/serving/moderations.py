@@ -3,10 +3,12 @@
 
 Two ways of scoring, chosen from what the server runs:
 - pooling runner with a 2-label sequence classifier (the default moderator, `vllm-restkv model prepare --name
-  moderator`). With `"scoring": "max_token"` in its moderator.json (`--name moderator-threads`), each prompt goes to the engine as a
-  `token_classify` request (the same checkpoint, vLLM's ALL pooling, chunked prefill kept) and the score is the
-  highest probability of the flag label over the text's positions and the prompt's last token, so an insult
-  buried deep in a long thread counts; otherwise each input goes through vLLM's own `/classify` handler (last token).
+  moderator`): each input goes through vLLM's own `/classify` handler (the template's last token). With a token
+  scan in moderator.json (`--name moderator-threads`), each prompt goes to the engine as a `token_classify` request
+  (the same checkpoint, vLLM's ALL pooling, chunked prefill kept) and the score is the highest probability of the
+  flag label over the scanned positions and the prompt's last token, so an insult buried deep in a long thread
+  counts: `"scoring": "max_token"` scans every text position, `"max_line"` only the last token of each line (one
+  comment per line in a chat thread: the positions the thread head was trained on).
 - generate runner (a generative guard model): each input goes through vLLM's completions handler with one output
   token and top log-probabilities; the score is P(yes) / (P(yes) + P(no)) over the configured answer tokens.
 Either way the request runs through the engine with KV eviction (chunked prefill evicts at every chunk boundary).
@@ -37,6 +39,9 @@ OPENAI_CATEGORIES = (
     "harassment", "harassment/threatening", "hate", "hate/threatening", "illicit", "illicit/violent", "self-harm",
     "self-harm/intent", "self-harm/instructions", "sexual", "sexual/minors", "violence", "violence/graphic",
 )
+# moderator.json `scoring`: the template's last token (vLLM's classify); the highest score over every text position;
+# over the last token of each line (where the thread head was trained to judge a comment)
+SCANS = ("last_token", "max_token", "max_line")
 MAX_INPUTS = 64
 MAX_INPUT_CHARS = 1_000_000
 MAX_SEGMENTS = 16
@@ -161,8 +166,9 @@ class Moderator:
                                f"after the moderation template ({reserve} tokens)")
         self.engine_client, self.model_config = engine_client, model_config
         self.scan = self.config.get("scoring", "last_token")
-        if self.scan not in ("last_token", "max_token"):
-            raise RuntimeError(f"vllm-restkv: moderator.json `scoring` must be last_token or max_token, not {self.scan!r}")
+        if self.scan not in SCANS:
+            raise RuntimeError(f"vllm-restkv: moderator.json `scoring` must be one of {', '.join(SCANS)}, "
+                               f"not {self.scan!r}")
         # vLLM's request classes, imported here so that a moved module fails at start-up, not per request
         if self.runner == "pooling":
             from vllm.entrypoints.pooling.classify.protocol import ClassificationCompletionRequest
@@ -191,34 +197,49 @@ class Moderator:
             raise RuntimeError(f"vllm-restkv: none of the answer words {words} is a single token for this tokenizer")
         return out
 
-    def segments(self, text: str, index: int) -> tuple[list[list[int]], int]:
-        """Token-id prompts for one input (one per segment), and the input's token count."""
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+    def segments(self, text: str, index: int) -> tuple[list[list[int]], int, list[list[int]]]:
+        """Token-id prompts for one input (one per segment), the input's token count, and per prompt the positions
+        a token scan reads (`max_line`: the last token of each line and of the segment; else none)."""
+        from vllm_restkv.moderator import line_tokens
+
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=self.scan == "max_line")
+        ids = enc["input_ids"]
         n = max(1, math.ceil(len(ids) / self.segment_tokens))
         if n > MAX_SEGMENTS:
             raise ModerationError(
                 400, f"input[{index}] has {len(ids)} tokens; at most {MAX_SEGMENTS * self.segment_tokens} "
                      f"({MAX_SEGMENTS} segments of {self.segment_tokens})", f"input[{index}]")
         size = math.ceil(len(ids) / n)
-        return [self.prefix + ids[i: i + size] + self.tail_ids for i in range(0, max(len(ids), 1), size)], len(ids)
+        starts = range(0, max(len(ids), 1), size)
+        prompts = [self.prefix + ids[i: i + size] + self.tail_ids for i in starts]
+        if self.scan != "max_line":
+            return prompts, len(ids), [[] for _ in prompts]
+        ends = sorted(toks[-1] for toks in line_tokens(enc["offset_mapping"], text.split("\n")) if toks)
+        reads = []
+        for i in starts:
+            inside = [len(self.prefix) + e - i for e in ends if i <= e < i + size]
+            last = len(self.prefix) + min(size, len(ids) - i) - 1  # a segment may cut a line: its end counts too
+            reads.append(sorted(set(inside + [last])) if len(ids) else [])
+        return prompts, len(ids), reads
 
     async def check_engine(self) -> None:
-        if self.runner == "pooling" and self.scan == "max_token":
+        if self.runner == "pooling" and self.scan != "last_token":
             tasks = await self.engine_client.get_supported_tasks()
             if "token_classify" not in tasks:
-                raise RuntimeError(f"vllm-restkv: this moderator scores every position (moderator.json scoring "
-                                   f"max_token) but the engine offers only {tasks}; serve it with --runner pooling "
+                raise RuntimeError(f"vllm-restkv: this moderator scores token positions (moderator.json scoring "
+                                   f"{self.scan}) but the engine offers only {tasks}; serve it with --runner pooling "
                                    f"and without --pooler-config overrides of the pooling type")
 
-    async def scan_tokens(self, prompts: list[list[int]]) -> list[float]:
-        """Highest flag-label probability over each prompt's text and last token (token_classify, one engine
-        request per prompt; a cancelled HTTP request cancels these and vLLM aborts them)."""
+    async def scan_tokens(self, prompts: list[list[int]], reads: list[list[int]]) -> list[float]:
+        """Highest flag-label probability over each prompt's scanned positions (`max_token`: every text position;
+        `max_line`: `reads`) and its last token (token_classify, one engine request per prompt; a cancelled HTTP
+        request cancels these and vLLM aborts them)."""
         from vllm.pooling_params import PoolingParams
 
         k = self.config.get("labels", ["benign", "insult"]).index(self.config.get("flag_label", "insult"))
         base_id = f"modr-{uuid.uuid4().hex}"
 
-        async def one(i: int, ids: list[int]) -> float:
+        async def one(i: int, ids: list[int], read: list[int]) -> float:
             params = PoolingParams(task="token_classify")
             params.verify(self.model_config)
             final = None
@@ -230,19 +251,23 @@ class Moderator:
             probs = final.outputs.data[:, k]  # softmax per position
             # the head was trained on comment ends inside threads and on the template's last token; the tail's
             # other positions (" insult or attack", " Answer") were never trained and are left out
-            text = probs[len(self.prefix): len(ids) - len(self.tail_ids)]
+            if self.scan == "max_line":
+                text = probs[read]
+            else:
+                text = probs[len(self.prefix): len(ids) - len(self.tail_ids)]
             return max(float(text.max()) if len(text) else 0.0, float(probs[-1]))
 
-        tasks = [asyncio.ensure_future(one(i, ids)) for i, ids in enumerate(prompts)]
+        tasks = [asyncio.ensure_future(one(i, ids, read)) for i, (ids, read) in enumerate(zip(prompts, reads))]
         try:
             return list(await asyncio.gather(*tasks))
         finally:  # on an error or a cancellation, stop the other segments too (gather leaves them running)
             for task in tasks:
                 task.cancel()
 
-    async def score(self, state, raw_request, prompts: list[list[int]], model: str) -> list[float]:
-        if self.runner == "pooling" and self.scan == "max_token":
-            return await self.scan_tokens(prompts)
+    async def score(self, state, raw_request, prompts: list[list[int]], reads: list[list[int]],
+                    model: str) -> list[float]:
+        if self.runner == "pooling" and self.scan != "last_token":
+            return await self.scan_tokens(prompts, reads)
         if self.runner == "pooling":
             request = self.request_class(model=model, input=prompts, add_special_tokens=False)
             response = await state.serving_classification(request, raw_request)
@@ -331,11 +356,12 @@ async def _handle(raw_request: Request, raw_body: bytes) -> Any:
     started = time.perf_counter()
     # tokenising a long input takes a while: keep the event loop (and other requests) going meanwhile
     split = await asyncio.to_thread(lambda: [moderator.segments(t, i) for i, t in enumerate(texts)])
-    prompts, owner = [], []
-    for i, (segs, _) in enumerate(split):
+    prompts, reads, owner = [], [], []
+    for i, (segs, _, seg_reads) in enumerate(split):
         prompts.extend(segs)
+        reads.extend(seg_reads)
         owner.extend([i] * len(segs))
-    seg_scores = await moderator.score(state, raw_request, prompts, model)
+    seg_scores = await moderator.score(state, raw_request, prompts, reads, model)
     scores = [0.0] * len(texts)
     for i, s in zip(owner, seg_scores):
         scores[i] = max(scores[i], s)
@@ -346,7 +372,7 @@ async def _handle(raw_request: Request, raw_body: bytes) -> Any:
         "scoring": moderator.scan if moderator.runner == "pooling" else "answer_logprobs",
         "budget": ev.budget if ev.enabled else None,
         "inputs": [{"prompt_tokens": sum(len(p) for p in segs), "input_tokens": n, "segments": len(segs)}
-                   for segs, n in split],
+                   for segs, n, _ in split],
         "seconds": round(time.perf_counter() - started, 4),
     }
     for result in results:
