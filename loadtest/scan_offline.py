@@ -1,0 +1,75 @@
+"""Which positions should a token-scan moderator read? Full-cache thread AUROC of a moderator's head under the
+three `/v1/moderations` scorings, computed offline with transformers (fp32, no server, no eviction) on the same
+threads as `eval_moderator.py` (held-out comments, clean filler, half with one buried insult):
+
+- last_token: the prompt's last position (what vLLM's /classify reads),
+- max_token: the highest P(insult) over every text position and the last position,
+- max_line: the highest over the last token of each line and the last position.
+
+    .venv/bin/python loadtest/scan_offline.py --variant moderator-threads --threads 60
+
+About 7 minutes for 60 threads of 2,000 tokens on 2 cores. Prints one line per scoring (AUROC, share of benign
+threads flagged at 0.5, recall at 0.5); progress on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "loadtest"))
+
+from eval_moderator import build_threads  # noqa: E402
+from vllm_restkv.moderator import auroc, line_tokens, prepare_moderator, template_parts  # noqa: E402
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--variant", choices=["moderator", "moderator-threads"], default="moderator-threads")
+    p.add_argument("--threads", type=int, default=60)
+    p.add_argument("--thread-tokens", type=int, default=2000)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    import torch
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoTokenizer
+
+    model_dir = prepare_moderator(log=lambda m: print(m, file=sys.stderr),
+                                  variant="comments" if args.variant == "moderator" else "threads")
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    model = AutoModel.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    weights = load_file(str(model_dir / "model.safetensors"))
+    head_w, head_b = weights["score.weight"].float(), weights["score.bias"].float()
+    prefix, tail = template_parts(tokenizer)
+    threads = build_threads(args.threads, args.thread_tokens, args.seed, tokenizer)
+    scores: dict[str, list[float]] = {"last_token": [], "max_token": [], "max_line": []}
+    started = time.time()
+    for k, thread in enumerate(threads):
+        text = thread["text"]
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = prefix + enc["input_ids"] + tail
+        with torch.no_grad():
+            hidden = model(torch.tensor([ids])).last_hidden_state[0]
+            p_insult = torch.softmax(hidden @ head_w.T + head_b, -1)[:, 1]
+        last = float(p_insult[-1])
+        ends = [len(prefix) + toks[-1] for toks in line_tokens(enc["offset_mapping"], text.split("\n")) if toks]
+        scores["last_token"].append(last)
+        scores["max_token"].append(max(float(p_insult[len(prefix): len(ids) - len(tail)].max()), last))
+        scores["max_line"].append(max(float(p_insult[ends].max()), last))
+        print(f"  thread {k + 1}/{len(threads)} ({time.time() - started:.0f} s)", file=sys.stderr, flush=True)
+    labels = [t["label"] for t in threads]
+    benign, insult = labels.count(0), labels.count(1)
+    print(f"{args.variant}, {len(threads)} threads of ~{args.thread_tokens} tokens (seed {args.seed}), full cache:")
+    for name, s in scores.items():
+        fpr = sum(x >= 0.5 for x, y in zip(s, labels) if not y) / max(benign, 1)
+        recall = sum(x >= 0.5 for x, y in zip(s, labels) if y) / max(insult, 1)
+        print(f"  {name:10s} AUROC {auroc(s, labels):.3f}  benign flagged at 0.5 {fpr:.2f}  recall at 0.5 {recall:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
