@@ -48,10 +48,10 @@ def server(moderator_model, tmp_path_factory):
         yield s
 
 
-@pytest.fixture(scope="module")
-def scan_model(moderator_model, tmp_path_factory):
-    """The default moderator's checkpoint with `"scoring": "max_token"` in its moderator.json (the token scan of the
-    `moderator-threads` variant; the same head, so the test needs no second training)."""
+@pytest.fixture(scope="module", params=["max_token", "max_line"])
+def scan_model(moderator_model, tmp_path_factory, request):
+    """The default moderator's checkpoint with a token scan in its moderator.json (`max_line` is the `moderator-threads`
+    variant's; the same head, so the test needs no second training)."""
     import json
 
     out = tmp_path_factory.mktemp("scan") / moderator_model.name
@@ -60,7 +60,7 @@ def scan_model(moderator_model, tmp_path_factory):
         if item.name != "moderator.json":
             (out / item.name).symlink_to(item)
     meta = json.loads((moderator_model / "moderator.json").read_text())
-    (out / "moderator.json").write_text(json.dumps({**meta, "scoring": "max_token"}))
+    (out / "moderator.json").write_text(json.dumps({**meta, "scoring": request.param}))
     return out
 
 
@@ -399,32 +399,43 @@ def test_line_scan_reads_the_end_of_every_line_and_of_every_segment():
     assert reads == [[]]
 
 
-# The token scan (moderator.json "scoring": "max_token") on a second server, started last so that it runs next to
-# the first one as briefly as possible (two engines share 2 CPU cores).
+# The token scans (moderator.json "scoring": "max_token", then "max_line") on a second server each, started last so
+# that each runs next to the first one as briefly as possible (two engines share 2 CPU cores).
 
 def test_token_scan_scores_the_most_insulting_position(scan_server, scan_model):
-    """/v1/moderations (scoring max_token) returns the highest per-position P(insult) over the text and the prompt's
-    last token, as a separate transformers computation of the same checkpoint gives it; vLLM's /classify (last
-    position) is one of those positions, so it is never above."""
+    """/v1/moderations with a token scan returns the highest P(insult) over the scanned positions (max_token: every
+    text position; max_line: the last token of each line) and the prompt's last token, as a separate transformers
+    computation of the same checkpoint gives it; vLLM's /classify (last position) is one of those positions, so it
+    is never above."""
+    import json
+
     from transformers import AutoTokenizer
 
-    from vllm_restkv.moderator import template_parts
+    from vllm_restkv.moderator import line_tokens, template_parts
 
+    scan = json.loads((scan_model / "moderator.json").read_text())["scoring"]
     tokenizer = AutoTokenizer.from_pretrained(str(scan_model))
     prefix, tail = template_parts(tokenizer)
-    for text in (BENIGN[1], "Great match. " + INSULTS[0] + " Anyway, see you all on Sunday at the park."):
+    other = []  # what the other scan would answer: the test must tell the two apart
+    for text in (BENIGN[1], "Great match.\n" + INSULTS[0] + "\nAnyway, see you all on Sunday at the park."):
         mod = httpx.post(scan_server.url + "/v1/moderations", json={"input": text}, headers=headers(),
                          timeout=60).json()
         score = mod["results"][0]["category_scores"]["harassment"]
-        ids = prefix + tokenizer(text, add_special_tokens=False)["input_ids"] + tail
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = prefix + enc["input_ids"] + tail
         ref = reference_token_scores(scan_model, ids)
-        expected = max(ref[len(prefix): len(ids) - len(tail)] + ref[-1:])
-        assert abs(score - expected) < 0.03, (score, expected)
+        every = max(ref[len(prefix): len(ids) - len(tail)] + ref[-1:])
+        ends = [len(prefix) + toks[-1] for toks in line_tokens(enc["offset_mapping"], text.split("\n")) if toks]
+        lines = max([ref[p] for p in ends] + ref[-1:])
+        expected = every if scan == "max_token" else lines
+        other.append(abs(score - (lines if scan == "max_token" else every)))
+        assert abs(score - expected) < 0.03, (scan, score, expected)
         cls = httpx.post(scan_server.url + "/classify", json={"model": "m", "input": PROMPT_TEMPLATE.format(text=text)},
                          headers=headers(), timeout=60).json()
         assert cls["data"][0]["probs"][1] <= score + 0.01
-        assert mod["restkv"]["policy"] == "restkv" and mod["restkv"]["scoring"] == "max_token"
+        assert mod["restkv"]["policy"] == "restkv" and mod["restkv"]["scoring"] == scan
         assert mod["restkv"]["inputs"][0]["segments"] == 1
+    assert max(other) > 0.05, other
 
 
 def test_client_that_disconnects_cancels_a_token_scan(scan_server):
