@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ import httpx  # noqa: E402
 
 from tests.conftest import running_server, server_env  # noqa: E402
 from vllm_restkv import benchdata  # noqa: E402
-from vllm_restkv.moderator import auroc, load_insults, prepare_moderator  # noqa: E402
+from vllm_restkv.moderator import auroc, load_insults, prepare_moderator, with_scoring  # noqa: E402
 
 PLUGINS = "restkv,restkv_metrics,restkv_moderations"
 
@@ -98,7 +97,7 @@ def main() -> int:
     log_dir = REPO / ".cache" / "eval-moderator"
     log_dir.mkdir(parents=True, exist_ok=True)
     if args.scoring:
-        model = with_scoring(model, args.scoring, log_dir)
+        model = with_scoring(model, args.scoring, log_dir / f"{model.name}-{args.scoring}")
     from transformers import AutoTokenizer
 
     threads = build_threads(args.threads, args.thread_tokens, args.seed, AutoTokenizer.from_pretrained(str(model)))
@@ -151,19 +150,6 @@ def main() -> int:
         args.out.write_text(json.dumps(result, indent=2) + "\n")
         plot(result, args.out.with_suffix(".png"))
     return 0
-
-
-def with_scoring(model: Path, scoring: str, work: Path) -> Path:
-    """A directory of links to `model`'s files whose moderator.json says `scoring`."""
-    out = work / f"{model.name}-{scoring}"
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    for item in model.iterdir():
-        if item.name != "moderator.json":
-            (out / item.name).symlink_to(item)
-    meta = json.loads((model / "moderator.json").read_text())
-    (out / "moderator.json").write_text(json.dumps({**meta, "scoring": scoring}, indent=2) + "\n")
-    return out
 
 
 def by_kind(scores: list[float], threads: list[dict]) -> dict:

@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "loadtest"))
 
 from eval_moderator import build_threads  # noqa: E402
-from vllm_restkv.moderator import auroc, line_tokens, prepare_moderator, template_parts  # noqa: E402
+from vllm_restkv.moderator import auroc, line_ends, prepare_moderator, template_parts  # noqa: E402
 
 
 def main() -> int:
@@ -56,7 +56,7 @@ def main() -> int:
             hidden = model(torch.tensor([ids])).last_hidden_state[0]
             p_insult = torch.softmax(hidden @ head_w.T + head_b, -1)[:, 1]
         last = float(p_insult[-1])
-        ends = [len(prefix) + toks[-1] for toks in line_tokens(enc["offset_mapping"], text.split("\n")) if toks]
+        ends = [len(prefix) + e for e in line_ends(enc["offset_mapping"], text)]
         scores["last_token"].append(last)
         scores["max_token"].append(max(float(p_insult[len(prefix): len(ids) - len(tail)].max()), last))
         scores["max_line"].append(max(float(p_insult[ends].max()), last))

@@ -52,16 +52,9 @@ def server(moderator_model, tmp_path_factory):
 def scan_model(moderator_model, tmp_path_factory, request):
     """The default moderator's checkpoint with a token scan in its moderator.json (`max_line` is the `moderator-threads`
     variant's; the same head, so the test needs no second training)."""
-    import json
+    from vllm_restkv.moderator import with_scoring
 
-    out = tmp_path_factory.mktemp("scan") / moderator_model.name
-    out.mkdir()
-    for item in moderator_model.iterdir():
-        if item.name != "moderator.json":
-            (out / item.name).symlink_to(item)
-    meta = json.loads((moderator_model / "moderator.json").read_text())
-    (out / "moderator.json").write_text(json.dumps({**meta, "scoring": request.param}))
-    return out
+    return with_scoring(moderator_model, request.param, tmp_path_factory.mktemp("scan") / moderator_model.name)
 
 
 @pytest.fixture(scope="module")
@@ -411,7 +404,7 @@ def test_token_scan_scores_the_most_insulting_position(scan_server, scan_model):
 
     from transformers import AutoTokenizer
 
-    from vllm_restkv.moderator import line_tokens, template_parts
+    from vllm_restkv.moderator import line_ends, template_parts
 
     scan = json.loads((scan_model / "moderator.json").read_text())["scoring"]
     tokenizer = AutoTokenizer.from_pretrained(str(scan_model))
@@ -425,7 +418,7 @@ def test_token_scan_scores_the_most_insulting_position(scan_server, scan_model):
         ids = prefix + enc["input_ids"] + tail
         ref = reference_token_scores(scan_model, ids)
         every = max(ref[len(prefix): len(ids) - len(tail)] + ref[-1:])
-        ends = [len(prefix) + toks[-1] for toks in line_tokens(enc["offset_mapping"], text.split("\n")) if toks]
+        ends = [len(prefix) + e for e in line_ends(enc["offset_mapping"], text)]
         lines = max([ref[p] for p in ends] + ref[-1:])
         expected = every if scan == "max_token" else lines
         other.append(abs(score - (lines if scan == "max_token" else every)))

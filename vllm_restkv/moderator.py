@@ -181,6 +181,24 @@ def line_tokens(offsets: list[tuple[int, int]], lines: list[str]) -> list[list[i
     return out
 
 
+def line_ends(offsets: list[tuple[int, int]], text: str) -> list[int]:
+    """Index of the last token of each non-empty line of `text` (see line_tokens), in order."""
+    return [toks[-1] for toks in line_tokens(offsets, text.split("\n")) if toks]
+
+
+def with_scoring(model: Path, scoring: str, out: Path) -> Path:
+    """`out`: links to the files of the moderator directory `model`, with its moderator.json's `scoring` replaced
+    (to serve the same checkpoint with another scan)."""
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    for item in model.iterdir():
+        if item.name != MODERATOR_META:
+            (out / item.name).symlink_to(item)
+    meta = json.loads((model / MODERATOR_META).read_text())
+    (out / MODERATOR_META).write_text(json.dumps({**meta, "scoring": scoring}, indent=2) + "\n")
+    return out
+
+
 def thread_sample(tokenizer, lines: list[str], labels: list[int], rng, *, inner_negatives: int = 0,
                   before_first_insult: bool = False, random_negatives: int = 0):
     """One templated thread (lines joined by newlines) and its labelled positions: the last token of each comment

@@ -200,7 +200,7 @@ class Moderator:
     def segments(self, text: str, index: int) -> tuple[list[list[int]], int, list[list[int]]]:
         """Token-id prompts for one input (one per segment), the input's token count, and per prompt the positions
         a token scan reads (`max_line`: the last token of each line and of the segment; else none)."""
-        from vllm_restkv.moderator import line_tokens
+        from vllm_restkv.moderator import line_ends
 
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=self.scan == "max_line")
         ids = enc["input_ids"]
@@ -214,7 +214,7 @@ class Moderator:
         prompts = [self.prefix + ids[i: i + size] + self.tail_ids for i in starts]
         if self.scan != "max_line":
             return prompts, len(ids), [[] for _ in prompts]
-        ends = sorted(toks[-1] for toks in line_tokens(enc["offset_mapping"], text.split("\n")) if toks)
+        ends = line_ends(enc["offset_mapping"], text)
         reads = []
         for i in starts:
             inside = [len(self.prefix) + e - i for e in ends if i <= e < i + size]
