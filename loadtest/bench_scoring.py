@@ -1,9 +1,13 @@
-"""Micro-benchmark: ReST-KV scoring vs SnapKV scoring vs one layer's prefill attention (SmolLM2-135M shapes).
+"""Micro-benchmark: ReST-KV scoring vs SnapKV scoring vs one layer's prefill (SmolLM2-135M shapes).
 
     .venv/bin/python loadtest/bench_scoring.py [--lengths 4096 16384 32768] [--repeats 3] [--quick]
 
 Prints a markdown table with the median times and the ratios the project tracks (ReST-KV / SnapKV, and scoring as
-a share of one layer's causal prefill attention). Scoring is per layer and per request, on the torch path, timed
+a share of one layer's prefill). A layer's prefill is timed twice: its causal attention alone
+(`scaled_dot_product_attention`, a lower bound) and the whole decoder layer (transformers' Llama layer with
+SmolLM2-135M's shapes, random weights, sdpa: norms, QKV/O projections, RoPE, attention and MLP). Both run in bf16 and
+in fp32 and the faster of the two counts (the smaller denominator: CPUs without native bf16 run bf16 matmuls several
+times slower than fp32 ones); the table names the dtype that won. Scoring is per layer and per request, on the torch path, timed
 through `policy.select` as the engine calls it (scores, smoothing, GQA aggregation and top-k). `--quick` runs small
 sizes once, as a smoke test.
 """
@@ -21,7 +25,50 @@ import torch.nn.functional as F
 from vllm_restkv.policies import LayerKV, get_policy
 from vllm_restkv.scoring import wo_factors
 
-H, H_KV, D_HEAD, D_MODEL, WINDOW = 9, 3, 64, 576, 32
+H, H_KV, D_HEAD, D_MODEL, D_MLP, WINDOW = 9, 3, 64, 576, 1536, 32
+
+
+def decoder_layer(dtype: torch.dtype):
+    """One SmolLM2-135M decoder layer (random weights) and its rotary embedding, as transformers runs them."""
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
+
+    config = LlamaConfig(hidden_size=D_MODEL, intermediate_size=D_MLP, num_attention_heads=H, num_key_value_heads=H_KV,
+                         head_dim=D_HEAD, num_hidden_layers=1, max_position_embeddings=1 << 17,
+                         rope_parameters={"rope_theta": 100000.0, "rope_type": "default"})
+    config._attn_implementation = "sdpa"
+    layer = LlamaDecoderLayer(config, layer_idx=0).to(dtype).eval()
+    return layer, LlamaRotaryEmbedding(config)
+
+
+def layer_prefill(layer, rotary, length: int):
+    hidden = torch.randn(1, length, D_MODEL, dtype=next(layer.parameters()).dtype)
+    positions = torch.arange(length)[None]
+
+    def run():
+        with torch.inference_mode():
+            cos_sin = rotary(hidden, positions)
+            layer(hidden, attention_mask=None, position_ids=positions, position_embeddings=cos_sin)
+    return run
+
+
+DTYPES = (torch.bfloat16, torch.float32)
+
+
+def attention_prefill(key: torch.Tensor, value: torch.Tensor, dtype: torch.dtype):
+    """Causal prefill attention of all L tokens for the 9 query heads (keys and values shared per GQA group)."""
+    length = key.shape[1]
+    q_all = torch.randn(1, H, length, D_HEAD, dtype=dtype)
+    k_all = key.repeat_interleave(H // H_KV, 0)[None].to(dtype)
+    v_all = value.repeat_interleave(H // H_KV, 0)[None].to(dtype)
+    return lambda: F.scaled_dot_product_attention(q_all, k_all, v_all, is_causal=True)
+
+
+def fastest(runs: dict) -> tuple[float, str]:
+    """(seconds, dtype name) of the fastest of one timed run per dtype, after a warm-up each."""
+    times = {str(dtype).removeprefix("torch."): timed(run, 1) for dtype, run in runs.items()}
+    name = min(times, key=times.get)
+    return times[name], name
 
 
 def timed(fn, repeats: int) -> float:
@@ -47,6 +94,7 @@ def main() -> None:
     weight = torch.randn(D_MODEL, H * D_HEAD) / D_MODEL**0.5
     factor = wo_factors(weight, H)
     restkv, snapkv = get_policy("restkv", window=WINDOW), get_policy("snapkv", window=WINDOW)
+    layers = {dtype: decoder_layer(dtype) for dtype in DTYPES}
     rows = []
     for i, L in enumerate(args.lengths):
         print(f"[{i + 1}/{len(args.lengths)}] L={L} ...", file=sys.stderr, flush=True)
@@ -57,16 +105,15 @@ def main() -> None:
                      wo_factor=factor)
         t_rest = timed(lambda: restkv.select(kv, args.budget), args.repeats)
         t_snap = timed(lambda: snapkv.select(kv, args.budget), args.repeats)
-        q_all = torch.randn(1, H, L, D_HEAD, dtype=torch.bfloat16)
-        k_all = k.repeat_interleave(H // H_KV, 0)[None].to(torch.bfloat16)
-        v_all = v.repeat_interleave(H // H_KV, 0)[None].to(torch.bfloat16)
-        t_attn = timed(lambda: F.scaled_dot_product_attention(q_all, k_all, v_all, is_causal=True), 1)
-        rows.append((L, t_rest, t_snap, t_attn))
+        t_attn = fastest({dtype: attention_prefill(k, v, dtype) for dtype in DTYPES})
+        t_layer = fastest({dtype: layer_prefill(*layers[dtype], L) for dtype in DTYPES})
+        rows.append((L, t_rest, t_snap, t_attn, t_layer))
     print("| L | ReST-KV select (ms) | SnapKV select (ms) | ReST-KV / SnapKV | one layer attention (ms) "
-          "| ReST-KV / attention |")
-    print("|---|---|---|---|---|---|")
-    for L, r, s, a in rows:
-        print(f"| {L} | {r * 1e3:.1f} | {s * 1e3:.1f} | {r / s:.2f}x | {a * 1e3:.1f} | {100 * r / a:.1f}% |")
+          "| ReST-KV / attention | one whole layer (ms) | ReST-KV / layer |")
+    print("|---|---|---|---|---|---|---|---|")
+    for L, r, s, (a, a_dtype), (y, y_dtype) in rows:
+        print(f"| {L} | {r * 1e3:.1f} | {s * 1e3:.1f} | {r / s:.2f}x | {a * 1e3:.1f} {a_dtype} | {100 * r / a:.1f}% "
+              f"| {y * 1e3:.1f} {y_dtype} | {100 * r / y:.1f}% |")
     print(f"\ncommand: {' '.join(sys.argv)}; torch {torch.__version__}, threads {torch.get_num_threads()}")
 
 
