@@ -6,6 +6,10 @@ threads as `eval_moderator.py` (held-out comments, clean filler, half with one b
 - max_token: the highest P(insult) over every text position and the last position,
 - max_line: the highest over the last token of each line and the last position.
 
+Two line aggregations that no server offers are printed after them, to test whether an insult shows better as an
+outlier of its own thread than as an absolute score (they rank threads only, so no rate at 0.5): the highest line's
+log-odds minus the thread's mean line log-odds, and its margin over the second-highest line.
+
     .venv/bin/python loadtest/scan_offline.py --variant moderator-threads --threads 60
 
 About 7 minutes for 60 threads of 2,000 tokens on 2 cores. Prints one line per scoring (AUROC, share of benign
@@ -47,6 +51,7 @@ def main() -> int:
     prefix, tail = template_parts(tokenizer)
     threads = build_threads(args.threads, args.thread_tokens, args.seed, tokenizer)
     scores: dict[str, list[float]] = {"last_token": [], "max_token": [], "max_line": []}
+    outliers: dict[str, list[float]] = {"line max minus line mean (log-odds)": [], "line max minus 2nd line": []}
     started = time.time()
     for k, thread in enumerate(threads):
         text = thread["text"]
@@ -54,12 +59,16 @@ def main() -> int:
         ids = prefix + enc["input_ids"] + tail
         with torch.no_grad():
             hidden = model(torch.tensor([ids])).last_hidden_state[0]
-            p_insult = torch.softmax(hidden @ head_w.T + head_b, -1)[:, 1]
+            logits = hidden @ head_w.T + head_b
+            p_insult = torch.softmax(logits, -1)[:, 1]
         last = float(p_insult[-1])
         ends = [len(prefix) + e for e in line_ends(enc["offset_mapping"], text)]
         scores["last_token"].append(last)
         scores["max_token"].append(max(float(p_insult[len(prefix): len(ids) - len(tail)].max()), last))
         scores["max_line"].append(max(float(p_insult[ends].max()), last))
+        line_odds = (logits[ends, 1] - logits[ends, 0]).sort(descending=True).values
+        outliers["line max minus line mean (log-odds)"].append(float(line_odds[0] - line_odds.mean()))
+        outliers["line max minus 2nd line"].append(float(line_odds[0] - line_odds[1]) if len(line_odds) > 1 else 0.0)
         print(f"  thread {k + 1}/{len(threads)} ({time.time() - started:.0f} s)", file=sys.stderr, flush=True)
     labels = [t["label"] for t in threads]
     benign, insult = labels.count(0), labels.count(1)
@@ -68,6 +77,9 @@ def main() -> int:
         fpr = sum(x >= 0.5 for x, y in zip(s, labels) if not y) / max(benign, 1)
         recall = sum(x >= 0.5 for x, y in zip(s, labels) if y) / max(insult, 1)
         print(f"  {name:10s} AUROC {auroc(s, labels):.3f}  benign flagged at 0.5 {fpr:.2f}  recall at 0.5 {recall:.2f}")
+    print("not served, outlier aggregations of the line ends:")
+    for name, s in outliers.items():
+        print(f"  {name:36s} AUROC {auroc(s, labels):.3f}")
     return 0
 
 
