@@ -65,9 +65,9 @@ def score_all(url: str, texts: list[str], batch: int, what: str) -> list[float]:
     return scores
 
 
-def serve(model: Path, policy: str, budget: int, chunk: int, log_dir: Path):
+def serve(model: Path, policy: str, budget: int, chunk: int, log_dir: Path, dtype: str = "auto"):
     args = ["--runner", "pooling", "--max-model-len", "8192", "--max-num-batched-tokens", str(chunk),
-            "--kv-eviction", policy]
+            "--dtype", dtype, "--kv-eviction", policy]
     if policy != "none":
         args += ["--kv-eviction-budget", str(budget)]
     return running_server(model, args, log_dir / f"serve-{policy}-{budget}.log", env=server_env(VLLM_PLUGINS=PLUGINS))
@@ -85,6 +85,8 @@ def main() -> int:
     p.add_argument("--policies", nargs="+", default=["restkv", "snapkv", "streamingllm"])
     p.add_argument("--budgets", nargs="+", type=int, default=[128, 256])
     p.add_argument("--chunk", type=int, default=512, help="--max-num-batched-tokens (chunked prefill size)")
+    p.add_argument("--dtype", default="auto", help="vllm serve --dtype (auto = the checkpoint's bf16; CPUs without "
+                                                   "native bf16 run float32 several times faster)")
     p.add_argument("--comments", type=int, default=0, help="held-out comments to score (0 = all 2,647)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="JSON result; the plot goes next to it (.png)")
@@ -104,13 +106,13 @@ def main() -> int:
     labels = [t["label"] for t in threads]
     meta = json.loads((model / "moderator.json").read_text())
     result = {"date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv), "threads": args.threads,
-              "thread_tokens": args.thread_tokens, "chunk": args.chunk, "seed": args.seed,
+              "thread_tokens": args.thread_tokens, "chunk": args.chunk, "dtype": args.dtype, "seed": args.seed,
               "moderator": {"variant": args.variant, "recipe_version": meta.get("recipe_version"),
                             "scoring": meta.get("scoring", "last_token")},
               "runs": []}
 
     log("full cache server ...")
-    with serve(model, "none", 0, args.chunk, log_dir) as s:
+    with serve(model, "none", 0, args.chunk, log_dir, args.dtype) as s:
         comments = load_insults("test")
         if args.comments:
             comments = random.Random(args.seed).sample(comments, args.comments)
@@ -127,7 +129,7 @@ def main() -> int:
     for policy in args.policies:
         for budget in args.budgets:
             log(f"{policy} budget {budget} server ...")
-            with serve(model, policy, budget, args.chunk, log_dir) as s:
+            with serve(model, policy, budget, args.chunk, log_dir, args.dtype) as s:
                 scores = score_all(s.url, [t["text"] for t in threads], 4, f"threads, {policy}@{budget}")
             flags = [x >= 0.5 for x in scores]
             result["runs"].append({
