@@ -7,8 +7,8 @@ a share of one layer's prefill). A layer's prefill is timed twice: its causal at
 (`scaled_dot_product_attention`, a lower bound) and the whole decoder layer (transformers' Llama layer with
 SmolLM2-135M's shapes, random weights, sdpa: norms, QKV/O projections, RoPE, attention and MLP). Both run in bf16 and
 in fp32 and the faster of the two counts (the smaller denominator: CPUs without native bf16 run bf16 matmuls several
-times slower than fp32 ones); the table names the dtype that won. Scoring is per layer and per request, on the torch path, timed
-through `policy.select` as the engine calls it (scores, smoothing, GQA aggregation and top-k). `--quick` runs small
+times slower than fp32 ones); the table names the dtype that won. Scoring is per layer and per request, on the torch
+path, timed through `policy.select` as the engine calls it (scores, smoothing, GQA aggregation and top-k). `--quick` runs small
 sizes once, as a smoke test.
 """
 
@@ -44,10 +44,11 @@ def decoder_layer(dtype: torch.dtype):
 def layer_prefill(layer, rotary, length: int):
     hidden = torch.randn(1, length, D_MODEL, dtype=next(layer.parameters()).dtype)
     positions = torch.arange(length)[None]
+    with torch.inference_mode():
+        cos_sin = rotary(hidden, positions)  # computed once per forward for all layers, so not part of one layer
 
     def run():
         with torch.inference_mode():
-            cos_sin = rotary(hidden, positions)
             layer(hidden, attention_mask=None, position_ids=positions, position_embeddings=cos_sin)
     return run
 

@@ -29,7 +29,7 @@ import httpx  # noqa: E402
 
 from tests.conftest import running_server, server_env  # noqa: E402
 from vllm_restkv import benchdata  # noqa: E402
-from vllm_restkv.moderator import auroc, load_insults, prepare_moderator, with_scoring  # noqa: E402
+from vllm_restkv.moderator import auroc, load_insults, prepare_moderator, rates_at, with_scoring  # noqa: E402
 
 PLUGINS = "restkv,restkv_metrics,restkv_moderations"
 
@@ -123,9 +123,7 @@ def main() -> int:
         full = score_all(s.url, [t["text"] for t in threads], 4, "threads, full cache")
     full_flag = [x >= 0.5 for x in full]
     result["runs"].append({"policy": "none", "budget": None, "auroc": auroc(full, labels), **by_kind(full, threads),
-                           "recall": sum(f for f, y in zip(full_flag, labels) if y) / max(sum(labels), 1),
-                           "false_positive_rate": sum(f for f, y in zip(full_flag, labels) if not y)
-                           / max(len(labels) - sum(labels), 1)})
+                           **rates_at(full, labels)})
     for policy in args.policies:
         for budget in args.budgets:
             log(f"{policy} budget {budget} server ...")
@@ -134,8 +132,7 @@ def main() -> int:
             flags = [x >= 0.5 for x in scores]
             result["runs"].append({
                 "policy": policy, "budget": budget, "auroc": auroc(scores, labels), **by_kind(scores, threads),
-                "recall": sum(f for f, y in zip(flags, labels) if y) / max(sum(labels), 1),
-                "false_positive_rate": sum(f for f, y in zip(flags, labels) if not y) / max(len(labels) - sum(labels), 1),
+                **rates_at(scores, labels),
                 "agreement": sum(a == b for a, b in zip(flags, full_flag)) / len(flags),
                 "mean_abs_delta": sum(abs(a - b) for a, b in zip(scores, full)) / len(scores),
             })

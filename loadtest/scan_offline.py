@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "loadtest"))
 
 from eval_moderator import build_threads  # noqa: E402
-from vllm_restkv.moderator import auroc, line_ends, prepare_moderator, template_parts  # noqa: E402
+from vllm_restkv.moderator import auroc, line_ends, prepare_moderator, rates_at, template_parts  # noqa: E402
 
 
 def main() -> int:
@@ -71,12 +71,11 @@ def main() -> int:
         outliers["line max minus 2nd line"].append(float(line_odds[0] - line_odds[1]) if len(line_odds) > 1 else 0.0)
         print(f"  thread {k + 1}/{len(threads)} ({time.time() - started:.0f} s)", file=sys.stderr, flush=True)
     labels = [t["label"] for t in threads]
-    benign, insult = labels.count(0), labels.count(1)
     print(f"{args.variant}, {len(threads)} threads of ~{args.thread_tokens} tokens (seed {args.seed}), full cache:")
     for name, s in scores.items():
-        fpr = sum(x >= 0.5 for x, y in zip(s, labels) if not y) / max(benign, 1)
-        recall = sum(x >= 0.5 for x, y in zip(s, labels) if y) / max(insult, 1)
-        print(f"  {name:10s} AUROC {auroc(s, labels):.3f}  benign flagged at 0.5 {fpr:.2f}  recall at 0.5 {recall:.2f}")
+        rates = rates_at(s, labels)
+        print(f"  {name:10s} AUROC {auroc(s, labels):.3f}  benign flagged at 0.5 {rates['false_positive_rate']:.2f}  "
+              f"recall at 0.5 {rates['recall']:.2f}")
     print("not served, outlier aggregations of the line ends:")
     for name, s in outliers.items():
         print(f"  {name:36s} AUROC {auroc(s, labels):.3f}")

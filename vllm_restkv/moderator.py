@@ -115,6 +115,14 @@ def auroc(scores, labels) -> float:
     return (rank_sum - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg))
 
 
+def rates_at(scores, labels, threshold: float = 0.5) -> dict[str, float]:
+    """Recall (insults flagged) and false-positive rate (benign flagged) at `threshold`; 0 for an absent class."""
+    flagged = [s >= threshold for s in scores]
+    positives = sum(1 for y in labels if y)
+    return {"recall": sum(f for f, y in zip(flagged, labels) if y) / max(positives, 1),
+            "false_positive_rate": sum(f for f, y in zip(flagged, labels) if not y) / max(len(labels) - positives, 1)}
+
+
 def template_parts(tokenizer, template: str = PROMPT_TEMPLATE) -> tuple[list[int], list[int]]:
     """Token ids before and after `{text}` (with the tokenizer's BOS, if it adds one): a prompt is
     prefix + tokenizer(text) + tail, the same at training and at serving time (vllm_restkv/serving/moderations.py)."""
