@@ -21,6 +21,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 DRIVER = REPO / "tests" / "engine_driver.py"
+sys.path.insert(0, str(REPO))
+
+from vllm_restkv.cpu import default_serving_dtype  # noqa: E402
 
 
 def run(spec: dict, timeout: float = 7200) -> dict:
@@ -50,7 +53,7 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=40, help="KV cache size in blocks of 128 tokens")
     parser.add_argument("--budget", type=int, default=256)
     parser.add_argument("--policies", nargs="+", default=["none", "restkv", "snapkv", "h2o", "tova", "streamingllm"])
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default=default_serving_dtype(), help="vLLM --dtype; default: bfloat16 on a GPU or a CPU with native bf16, else float32 (vllm_restkv.cpu)")
     parser.add_argument("--repeats", type=int, default=1, help="interleaved rounds over the policies")
     parser.add_argument("--out", type=Path, help="also write the rows as JSON")
     args = parser.parse_args()

@@ -53,6 +53,11 @@ def aggregate(rows: list[dict]) -> list[dict]:
     return result
 
 
+def dtype_note(result: dict) -> str:
+    """", float32" for results that record their serving dtype (older ones did not: bfloat16 then)."""
+    return f", {result['dtype']}" if result.get("dtype") else ""
+
+
 def fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
@@ -60,7 +65,7 @@ def fmt(value, spec: str) -> str:
 def accuracy_section(acc: dict, agg: list[dict]) -> list[str]:
     d = acc["data"]
     lines = [
-        f"**Fidelity to the full cache** ({acc['date']}; model {acc['model']}; data `{d['name']}` v{d['version']} "
+        f"**Fidelity to the full cache** ({acc['date']}; model {acc['model']}{dtype_note(acc)}; data `{d['name']}` v{d['version']} "
         f"{d['params']}, sha256 `{d['sha256'][:16]}`; chunked prefill {acc['chunk']}, so eviction runs at every "
         f"chunk boundary; {acc['seconds'] / 60:.0f} min). Command: `{acc['command']}`",
         "",
@@ -147,7 +152,7 @@ def load_section(load: dict, none: dict) -> list[str]:
     key = load["load"]
     servers = ("one real `vllm serve` for all policies, chosen per request (`none` = eviction off for that request)"
                if load.get("one_server") else "real `vllm serve` per policy")
-    lines = [f"**Load test, {load['model']}** ({load['date']}; {servers} on 127.0.0.1, KV cache "
+    lines = [f"**Load test, {load['model']}{dtype_note(load)}** ({load['date']}; {servers} on 127.0.0.1, KV cache "
              f"{load['kv_blocks']} blocks of {load['server'].get('block_size')} tokens for every server, prompts of "
              f"{load['prompt_tokens']} tokens, chunked prefill {load['chunk']}, max {load['max_num_seqs']} sequences, "
              f"{load['requests_per_cell']} requests per cell; {load['seconds'] / 60:.0f} min; peak memory is the summed PSS "

@@ -13,9 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from vllm_restkv.cpu import fast_cpu_dtype
 from vllm_restkv.models import set_offline_env
 
 set_offline_env()
+# The serving dtype of the tests' servers: the checkpoints' bfloat16 where this CPU runs it natively, else float32
+# (emulated bf16 made the server tests several times slower on AVX2-only CPUs; see vllm_restkv/cpu.py).
+SERVE_DTYPE = fast_cpu_dtype()
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 VLLM = str(BIN / "vllm")

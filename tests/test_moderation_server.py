@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from conftest import running_prometheus, running_server, server_env
+from conftest import SERVE_DTYPE, running_prometheus, running_server, server_env
 from vllm_restkv.moderator import PROMPT_TEMPLATE, load_insults
 
 API_KEY = "test-key-123"
@@ -37,7 +37,7 @@ def moderator_model():
     return prepare_moderator()
 
 
-SERVER_ARGS = ["--runner", "pooling", "--max-model-len", "4096", "--max-num-batched-tokens", str(CHUNK),
+SERVER_ARGS = ["--runner", "pooling", "--dtype", SERVE_DTYPE, "--max-model-len", "4096", "--max-num-batched-tokens", str(CHUNK),
                "--api-key", API_KEY, "--kv-eviction", "restkv", "--kv-eviction-budget", str(BUDGET)]
 
 

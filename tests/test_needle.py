@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from conftest import SERVE_DTYPE
 from test_engine_eviction import run_engine
 
 pytestmark = pytest.mark.server
@@ -23,7 +24,7 @@ def test_restkv_keeps_the_fact_streamingllm_drops_it(smollm2_model):
     prompt = ("The secret password is Kangaroo. " + filler(90) +
               " Question: what is the secret password? Answer: The secret password is")
     result = run_engine({
-        "model": str(smollm2_model), "dtype": "bfloat16", "max_tokens": 4, "max_model_len": 2048,
+        "model": str(smollm2_model), "dtype": SERVE_DTYPE, "max_tokens": 4, "max_model_len": 2048,
         "kv_eviction": {"policy": "restkv", "budget": 128},
         "prompts": [prompt] * 3,
         "extra_args": [{"kv_eviction": "none"}, None, {"kv_eviction": "streamingllm"}],

@@ -6,13 +6,13 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from conftest import running_server, server_env
+from conftest import SERVE_DTYPE, running_server, server_env
 
 pytestmark = pytest.mark.server
 
 
 def test_tensor_parallel_serving_with_eviction(tiny_model, tmp_path):
-    args = ["--max-model-len", "2048", "--tensor-parallel-size", "2", "--kv-eviction", "restkv",
+    args = ["--max-model-len", "2048", "--dtype", SERVE_DTYPE, "--tensor-parallel-size", "2", "--kv-eviction", "restkv",
             "--kv-eviction-budget", "64", "--kv-eviction-window", "16"]
     env = server_env(VLLM_CPU_OMP_THREADS_BIND="0|1")
     with running_server(tiny_model, args, tmp_path / "tp.log", env=env) as server:

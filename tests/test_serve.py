@@ -8,7 +8,7 @@ import re
 import httpx
 import pytest
 
-from conftest import running_server, run_vllm, server_env
+from conftest import SERVE_DTYPE, running_server, run_vllm, server_env
 
 pytestmark = pytest.mark.server
 
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.server
 @pytest.fixture(scope="module")
 def smollm2_server(smollm2_model, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    args = ["--max-model-len", "2048", "--dtype", "bfloat16", "--kv-eviction", "restkv",
+    args = ["--max-model-len", "2048", "--dtype", SERVE_DTYPE, "--kv-eviction", "restkv",
             "--kv-eviction-budget", "128"]
     # VLLM_PLUGINS must name endpoint plugins for vLLM to load them (/v1/moderations)
     env = server_env(VLLM_PLUGINS="restkv,restkv_metrics,restkv_moderations")
