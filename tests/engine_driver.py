@@ -86,9 +86,16 @@ def main(spec: dict) -> dict:
         "stats": restkv.stats.__dict__ if restkv else None,
         "max_running": max(trace["running"] or [0]),
         "generate_seconds": generate_seconds,
+        "captured_query_tokens": worker_eviction(core).captured_tokens if restkv else None,
         "preemptions": preemptions[0],
     }
     return result
+
+
+def worker_eviction(core):
+    """The worker's eviction state (vllm_restkv.engine.worker_state) of an in-process engine on one worker."""
+    runner = core.model_executor.driver_worker.worker.model_runner
+    return runner.restkv
 
 
 if __name__ == "__main__":

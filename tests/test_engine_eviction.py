@@ -124,6 +124,8 @@ def test_budget_above_prompt_length_is_full_attention(tiny_model):
     oracle = torch.tensor([full[599 + i, t].item() for i, t in enumerate(generated)])
     assert torch.allclose(torch.tensor(result["logprobs"][0]), oracle, atol=1e-4)
     assert result["stats"]["evicted_tokens"] == 0
+    # 600 + 12 tokens can never outgrow 4,096: its queries are not even captured (no per-step cost)
+    assert result["captured_query_tokens"] == 0
 
 
 def concurrency_spec(model, policy):
@@ -143,6 +145,7 @@ def test_eviction_frees_blocks_and_runs_more_requests_at_once(tiny_model):
     assert all(len(t) == 24 for t in none["tokens"] + restkv["tokens"])
     assert restkv["max_running"] >= 2 * none["max_running"], (restkv["max_running"], none["max_running"])
     assert restkv["stats"]["freed_blocks"] >= 8 * (12 - 3)
+    assert restkv["captured_query_tokens"] >= 8 * (32 + 23)  # window queries at the end of prefill, then decode
     for result in (none, restkv):
         assert result["final_free_blocks"] == result["idle_free_blocks"]
     # the allocator's own count: while requests run, restkv leaves far more blocks free

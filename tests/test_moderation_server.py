@@ -37,7 +37,8 @@ def moderator_model():
     return prepare_moderator()
 
 
-SERVER_ARGS = ["--runner", "pooling", "--dtype", SERVE_DTYPE, "--max-model-len", "4096", "--max-num-batched-tokens", str(CHUNK),
+SERVER_ARGS = ["--runner", "pooling", "--dtype", SERVE_DTYPE, "--max-model-len", "4096",
+               "--max-num-batched-tokens", str(CHUNK),
                "--api-key", API_KEY, "--kv-eviction", "restkv", "--kv-eviction-budget", str(BUDGET)]
 
 
@@ -301,8 +302,9 @@ def test_real_prometheus_scrapes_our_metrics_after_traffic(server, prometheus):
 def test_metrics_add_up_across_several_api_servers(moderator_model, tmp_path):
     """--api-server-count 2: each step's numbers reach exactly one API server and vLLM's multiprocess Prometheus
     mode sums them, so /metrics (from either server) counts every eviction exactly once."""
-    args = ["--runner", "pooling", "--max-model-len", "4096", "--max-num-batched-tokens", str(CHUNK),
-            "--kv-eviction", "restkv", "--kv-eviction-budget", str(BUDGET), "--api-server-count", "2"]
+    args = ["--runner", "pooling", "--dtype", SERVE_DTYPE, "--max-model-len", "4096",
+            "--max-num-batched-tokens", str(CHUNK), "--kv-eviction", "restkv", "--kv-eviction-budget", str(BUDGET),
+            "--api-server-count", "2"]
     with running_server(moderator_model, args, tmp_path / "serve.log", env=server_env(VLLM_PLUGINS=PLUGINS)) as s:
         expected_events, n = 0, 6
         for i in range(n):  # one at a time, so chunk boundaries (and with them the events) are deterministic

@@ -126,8 +126,10 @@ class WorkerEviction:
         self.capture_token_idx: torch.Tensor | None = None
         self.capture_ring_idx: torch.Tensor | None = None
         self.plan: list[PlannedEviction] = []
+        self.captured_tokens = 0  # tokens whose queries were captured, all steps (tests check requests that skip it)
         self.policies: dict[str, Any] = {}
         self.block_size = runner.cache_config.block_size
+        self.max_model_len = runner.max_model_len
 
     # ---------- lifecycle ----------
     def _policy(self, name: str):
@@ -189,7 +191,7 @@ class WorkerEviction:
             computed = int(batch.num_computed_tokens_cpu[row])
             end = computed + sched
             offsets[row] = state.evicted
-            if state.enabled and sched > 0:
+            if state.enabled and sched > 0 and self._may_exceed_budget(req_id, state):
                 first = max(computed, end - w)
                 pos = np.arange(first, end)
                 token_idx.append(start + (pos - computed))
@@ -217,9 +219,24 @@ class WorkerEviction:
         self.row_offsets = offsets
         if token_idx:
             self.capture_token_idx = torch.from_numpy(np.concatenate(token_idx))
+            self.captured_tokens += len(self.capture_token_idx)
             self.capture_ring_idx = torch.from_numpy(np.concatenate(ring_idx))
         else:
             self.capture_token_idx = self.capture_ring_idx = None
+
+    def _may_exceed_budget(self, req_id: str, state: RequestState) -> bool:
+        """False for a request that can never outgrow its budget (prompt + max_tokens <= budget): it is never
+        evicted, so its queries are not captured and a server with a budget above every request's length costs
+        nothing per step. Checked every step: a streaming-input request's prompt may grow."""
+        if state.evicted:
+            return True
+        cached = self.runner.requests[req_id]
+        if cached.pooling_params is not None:
+            most = cached.num_prompt_tokens
+        else:
+            max_tokens = getattr(cached.sampling_params, "max_tokens", None)
+            most = cached.num_prompt_tokens + max_tokens if max_tokens is not None else self.max_model_len
+        return min(most, self.max_model_len) > state.budget
 
     def token_offsets(self, query_start_loc: torch.Tensor, num_reqs: int, num_tokens: int) -> torch.Tensor | None:
         """E for every scheduled token (for the slot mapping), or None when nothing was evicted."""
