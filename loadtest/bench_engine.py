@@ -44,6 +44,27 @@ def run(spec: dict, timeout: float = 7200) -> dict:
     return json.loads(lines[-1][len("RESULT_JSON "):])
 
 
+# two-sided 95% quantiles of Student's t, by degrees of freedom (a table: scipy is not a dependency)
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+        11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093, 20: 2.086,
+        25: 2.060, 30: 2.042, 40: 2.021, 60: 2.000, 120: 1.980}
+
+
+def paired_interval(ratios: list[float]) -> tuple[float, float, float]:
+    """Geometric mean of paired ratios and its 95% t interval (on log ratios: rounds pair up on a noisy machine)."""
+    import math
+    import statistics
+
+    logs = [math.log(r) for r in ratios]
+    mean = statistics.fmean(logs)
+    if len(logs) < 2:
+        return math.exp(mean), float("nan"), float("nan")
+    df = len(logs) - 1
+    t = T975[max(k for k in T975 if k <= df)]  # the next smaller tabulated d.f.: a slightly wider interval
+    half = t * statistics.stdev(logs) / math.sqrt(len(logs))
+    return math.exp(mean), math.exp(mean - half), math.exp(mean + half)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", choices=["tiny", "smollm2"], default="tiny")
@@ -89,7 +110,9 @@ def main() -> None:
     for policy, results in runs.items():
         seconds = statistics.median(r["seconds"] for r in results)
         ratios = [b["seconds"] / r["seconds"] for r, b in zip(results, runs[base_policy])]  # req/s vs none
+        geo, low, high = paired_interval(ratios)
         rows.append({"policy": policy, "seconds": seconds, "req_s": args.requests / seconds,
+                     "vs_none_geomean": geo, "vs_none_ci95": [low, high],
                      "out_tok_s": args.requests * args.max_tokens / seconds,
                      "vs_none_median": statistics.median(ratios), "vs_none_min": min(ratios),
                      "vs_none_max": max(ratios), "runs": results,
@@ -103,6 +126,12 @@ def main() -> None:
         print(f"| {row['policy']} | {row['seconds']:.1f} | {row['req_s']:.2f} | {row['out_tok_s']:.1f} | "
               f"{row['vs_none_median']:.3f}x{spread} | {row['max_running']} | {row['min_free_blocks']} | "
               f"{row['preemptions']} | {row['freed_blocks']} |")
+    if args.repeats > 1:
+        for row in rows:
+            if row["policy"] != base_policy:
+                low, high = row["vs_none_ci95"]
+                print(f"{row['policy']}: requests/s vs {base_policy}, geometric mean of {args.repeats} paired rounds "
+                      f"{row['vs_none_geomean']:.3f}x, 95% interval {low:.3f}-{high:.3f} (t, {args.repeats - 1} d.f.)")
     if args.out:
         args.out.write_text(json.dumps({"command": " ".join(sys.argv), "rows": rows}, indent=1))
     print(f"\ncommand: {' '.join(sys.argv)}")
