@@ -36,7 +36,7 @@ def plugin_share(stats: pstats.Stats) -> tuple[float, dict[str, float]]:
     """(seconds inside the plugin, per entry point) from a profile: calls into vllm_restkv from outside it or from
     a wrapper, plus the wrappers' own time (their callees are vLLM's originals: not counted)."""
     per_entry: dict[str, float] = {}
-    for func, (_cc, _nc, tottime, _ct, callers) in stats.stats.items():
+    for func, (_cc, _nc, tottime, cumtime, callers) in stats.stats.items():
         filename = func[0]
         if not filename.startswith(PLUGIN_DIR):
             continue
@@ -44,8 +44,12 @@ def plugin_share(stats: pstats.Stats) -> tuple[float, dict[str, float]]:
         if filename in WRAPPERS:
             per_entry[name] = per_entry.get(name, 0.0) + tottime
             continue
+        if not callers:  # called from the frame that started profiling
+            per_entry[name] = per_entry.get(name, 0.0) + cumtime
         for caller, (_ccc, _cnc, _ctt, caller_cumtime) in callers.items():
             caller_file = caller[0]
+            if caller_file == "~":  # a builtin calling back (any(generator), sorted(key=...)): its caller counts
+                continue
             if caller_file in WRAPPERS or not caller_file.startswith(PLUGIN_DIR):
                 per_entry[name] = per_entry.get(name, 0.0) + caller_cumtime
     return sum(per_entry.values()), per_entry

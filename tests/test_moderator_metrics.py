@@ -29,3 +29,4 @@ def test_rates_at_counts_flags_per_class_at_the_threshold():
     assert rates_at(scores, labels) == {"recall": 2 / 3, "false_positive_rate": 1 / 3}
     assert rates_at(scores, labels, threshold=0.95) == {"recall": 0.0, "false_positive_rate": 0.0}
     assert rates_at([0.8], [0]) == {"recall": 0.0, "false_positive_rate": 1.0}  # an absent class gives 0, no error
+
