@@ -35,6 +35,14 @@ def test_plugin_registered_in_every_process(smollm2_server):
     assert any("Worker" in l for l in lines), lines
 
 
+def test_no_bf16_warning_when_serving_the_native_dtype(smollm2_server):
+    """The emulated-bf16 warning (vllm_restkv/cpu.py) fires only for bf16 on a CPU without it; this server runs the
+    dtype the CPU runs natively, so it must stay quiet (the firing case: tests/test_cpu.py and the note in
+    docs/benchmarks.md)."""
+    assert "no native bf16" not in smollm2_server.output()
+    assert f"dtype=torch.{SERVE_DTYPE}" in smollm2_server.output()
+
+
 def test_settings_reach_the_engine(smollm2_server):
     log = smollm2_server.output()
     assert "KV eviction on in the scheduler: {'policy': 'restkv', 'budget': 128" in log

@@ -173,10 +173,21 @@ def _wrap_scheduler_init(original):
         # check against this server's settings here too (else a valid per-request policy kills the input thread)
         set_server_config(config)
         self.restkv = SchedulerEviction(self, config) if config.enabled else None
+        _warn_if_emulated_bf16(self.vllm_config)  # here: once per engine, at start-up
         # the admission gate (KVCacheManager.allocate_slots below) sizes each request by what it will hold
         self.kv_cache_manager.restkv = self.restkv
 
     return __init__
+
+
+def _warn_if_emulated_bf16(vllm_config) -> None:
+    from vllm.platforms import current_platform
+
+    from vllm_restkv.cpu import emulated_bf16_warning
+
+    message = emulated_bf16_warning(vllm_config.model_config.dtype, current_platform.is_cpu())
+    if message:
+        logger.warning(message)
 
 
 def _wrap_update_from_output(original):

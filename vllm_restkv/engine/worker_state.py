@@ -429,7 +429,6 @@ def install(runner: Any) -> WorkerEviction | None:
     global _current
     config = KVEvictionConfig.from_vllm_config(runner.vllm_config)
     set_server_config(config)  # for request checks in this process (see patches._wrap_scheduler_init)
-    _warn_if_emulated_bf16(runner)
     if not config.enabled:  # requests cannot switch eviction on when the server runs without it
         _current = runner.restkv = None
         return None
@@ -438,12 +437,3 @@ def install(runner: Any) -> WorkerEviction | None:
     runner.restkv = _current
     return _current
 
-
-def _warn_if_emulated_bf16(runner: Any) -> None:
-    from vllm.platforms import current_platform
-
-    from vllm_restkv.cpu import emulated_bf16_warning
-
-    message = emulated_bf16_warning(runner.vllm_config.model_config.dtype, current_platform.is_cpu())
-    if message:
-        logger.warning(message)
