@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import cProfile
 import json
+import os
 import pstats
 import sys
 from pathlib import Path
@@ -108,7 +109,8 @@ def main() -> None:
         print(f"| {name} | {seconds:.3f} | {100 * seconds / generate:.2f}% |")
     print(f"\ncommand: python {' '.join(sys.argv)}")
     if args.out:
-        args.out.write_text(json.dumps({"command": "python " + " ".join(sys.argv), "generate_seconds": generate,
+        command = " ".join(["python", os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]])
+        args.out.write_text(json.dumps({"command": command, "generate_seconds": generate,
                                         "plugin_seconds": plugin, "evicted_tokens": evicted,
                                         "entry_points": per_entry}, indent=1))
 

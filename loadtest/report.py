@@ -195,6 +195,17 @@ def load_findings(load: dict, none: dict) -> list[str]:
     return out
 
 
+def overhead_section(results: list[dict]) -> list[str]:
+    """The plugin's share of engine time with nothing to evict, profiled (loadtest/profile_overhead.py)."""
+    lines = ["**Overhead with nothing to evict, profiled** (`loadtest/profile_overhead.py`: the in-process engine "
+             "under cProfile; the plugin's own code against the whole `generate`; target <= 2%):", "",
+             "| command | evicted tokens | plugin time (s) | share of generate |", "|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| `{r['command']}` | {r['evicted_tokens']} | {r['plugin_seconds']:.3f} | "
+                     f"**{100 * r['plugin_seconds'] / r['generate_seconds']:.2f}%** |")
+    return lines + [""]
+
+
 def equal_accuracy(agg: list[dict], loads: list[dict], threshold: float) -> list[dict]:
     """Each policy's smallest budget with agreement >= threshold, and its measured throughput there."""
     out = []
@@ -295,6 +306,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--accuracy", type=Path, default=None)
     p.add_argument("--load", type=Path, action="append", default=[])
+    p.add_argument("--overhead", type=Path, action="append", default=[], help="loadtest/profile_overhead.py JSON")
     p.add_argument("--markdown", type=Path, required=True)
     p.add_argument("--plots", type=Path, required=True)
     p.add_argument("--agreement", type=float, default=0.95)
@@ -316,6 +328,8 @@ def main(argv=None) -> int:
         body += load_section(load, baseline_cells(load, loads))
         name = f"throughput-{load_name}.png"
         body += [f"![throughput vs compression]({rel(name)})", ""]
+    if args.overhead:
+        body += overhead_section([json.loads(f.read_text()) for f in args.overhead])
     if eq and loads:
         body += [f"**Throughput at equal accuracy** (smallest budget with verdict agreement >= {args.agreement:.0%}):",
                  "", "| policy | budget | requests/s (model: max_tokens, load level) |", "|---|---|---|"]

@@ -5,7 +5,8 @@
     .venv/bin/python loadtest/run_benchmark.py --stages report # redraw from the JSON results already there
 
 Stages: `data` (loadtest/make_dataset.py), `accuracy` (loadtest/bench_accuracy.py, SmolLM2 through the engine),
-`load` (loadtest/bench_load.py, one real server per policy at the same KV cache), `report` (loadtest/report.py:
+`load` (loadtest/bench_load.py, one real server per policy at the same KV cache), `overhead`
+(loadtest/profile_overhead.py: the plugin's share of engine time with nothing to evict), `report` (loadtest/report.py:
 the Markdown section and the plots). Each stage writes JSON under --out-dir; later stages read it, so a stage can be
 re-run alone. Progress goes to stderr. For the 7B/13B GPU tables see loadtest/gpu_bench.sh.
 """
@@ -45,6 +46,10 @@ PRESETS = {
                         "--kv-blocks", "48", "--prompt-tokens", "2048", "--concurrency", "16", "--requests", "16",
                         "--max-tokens", "32"],
         },
+        # the plugin's share of engine time with nothing to evict (loadtest/profile_overhead.py), two cases:
+        # every request fits its budget (1,532 <= 2,048) / requests could outgrow it (queries captured, 1,532 > 1,520)
+        "overhead": {"args": ["--requests", "16", "--prompt-len", "1500", "--max-tokens", "32", "--blocks", "200"],
+                     "budgets": {"fits": 2048, "captures": 1520}},
     },
     # A few minutes: the same pipeline end to end on the tiny model (CI runs it).
     "ci": {
@@ -55,6 +60,8 @@ PRESETS = {
                      "--prompt-tokens", "512", "--prompts", "8", "--concurrency", "8", "--requests", "8",
                      "--max-tokens", "8", "--chunk", "256"],
         },
+        "overhead": {"args": ["--requests", "4", "--prompt-len", "400", "--max-tokens", "8", "--blocks", "40"],
+                     "budgets": {"fits": 512, "captures": 404}},
     },
 }
 
@@ -76,8 +83,8 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", type=Path, default=REPO / "docs" / "bench", help="JSON results and plots")
     p.add_argument("--markdown", type=Path, default=REPO / "docs" / "benchmarks.md")
     p.add_argument("--data-dir", type=Path, default=None, help="data set directory (default: .cache/bench/<preset>)")
-    p.add_argument("--stages", nargs="+", choices=["data", "accuracy", "load", "report"],
-                   default=["data", "accuracy", "load", "report"])
+    p.add_argument("--stages", nargs="+", choices=["data", "accuracy", "load", "overhead", "report"],
+                   default=["data", "accuracy", "load", "overhead", "report"])
     p.add_argument("--loads", nargs="+", default=None, help="which load tests of the preset (default: all)")
     a = p.parse_args(argv)
     preset = PRESETS[a.preset]
@@ -93,6 +100,10 @@ def main(argv=None) -> int:
     if "load" in a.stages:
         for name in loads:
             run([REPO / "loadtest" / "bench_load.py", "--out", a.out_dir / f"load-{name}.json", *preset["loads"][name]])
+    if "overhead" in a.stages:
+        for case, budget in preset["overhead"]["budgets"].items():
+            run([REPO / "loadtest" / "profile_overhead.py", *preset["overhead"]["args"], "--budget", budget,
+                 "--out", a.out_dir / f"overhead-{case}.json"])
     if "report" in a.stages:
         machine = (f"Machine: {platform.machine()}, {_cpus()} CPU cores, {platform.system()} "
                    f"(preset `{a.preset}`; one command: `python loadtest/run_benchmark.py --preset {a.preset}`).")
@@ -102,6 +113,9 @@ def main(argv=None) -> int:
         for name in preset["loads"]:
             if (a.out_dir / f"load-{name}.json").exists():
                 args += ["--load", a.out_dir / f"load-{name}.json"]
+        for case in preset["overhead"]["budgets"]:
+            if (a.out_dir / f"overhead-{case}.json").exists():
+                args += ["--overhead", a.out_dir / f"overhead-{case}.json"]
         run(args)
     log(f"done in {(time.time() - started) / 60:.1f} min")
     return 0

@@ -91,8 +91,16 @@ def test_pipeline_ci_preset_end_to_end(tmp_path):
     assert cells[("restkv", 128)]["evicted_tokens"] > 0
     assert cells[("restkv", 4096)]["evicted_tokens"] == 0 and cells[("none", None)]["evicted_tokens"] == 0
 
+    # the overhead stage: nothing evicted in either case, the plugin's time measured and reported
+    for case in ("fits", "captures"):
+        overhead = json.loads((out / f"overhead-{case}.json").read_text())
+        assert overhead["evicted_tokens"] == 0
+        assert 0 < overhead["plugin_seconds"] < overhead["generate_seconds"]
+        assert "worker_state.before_prepare_inputs" in overhead["entry_points"]
+
     text = markdown.read_text()
     assert text.startswith("# Benchmarks\n\nKept text.\n")
+    assert "Overhead with nothing to evict, profiled" in text and "--budget 404" in text
     assert "<!-- BEGIN modthreads-benchmark -->" in text and "<!-- END modthreads-benchmark -->" in text
     assert "| restkv | 64 |" in text and "overhead" in text
     for name in ("accuracy.png", "throughput-tiny.png"):
