@@ -11,6 +11,8 @@ BUDGET ?= 512
 CHUNK ?= 512
 KV_CACHE_GIB ?= 2
 MAX_MODEL_LEN ?= 8192
+# empty: the dtype this CPU runs natively (bf16 with AVX512-BF16/AMX, else float32; vllm_restkv/cpu.py)
+DTYPE ?=
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 # vLLM loads endpoint plugins only when VLLM_PLUGINS names them; once set it filters every plugin group
@@ -28,18 +30,20 @@ test-tools:
 models: setup
 	@$(VENV)/bin/vllm-restkv model prepare --name moderator >/dev/null
 
+FAST_DTYPE = $(if $(DTYPE),$(DTYPE),$$($(VENV)/bin/python -c 'from vllm_restkv.cpu import fast_cpu_dtype; print(fast_cpu_dtype())'))
+
 serve: setup
-	MODEL_DIR=$$($(VENV)/bin/vllm-restkv model prepare --name moderator) && \
+	MODEL_DIR=$$($(VENV)/bin/vllm-restkv model prepare --name moderator) && DTYPE=$(FAST_DTYPE) && \
 	VLLM_PLUGINS=$(PLUGINS) VLLM_CPU_KVCACHE_SPACE=$(KV_CACHE_GIB) exec $(VENV)/bin/vllm serve "$$MODEL_DIR" --runner pooling \
 	  --served-model-name restkv-moderator --host 127.0.0.1 --port $(PORT) \
-	  --max-model-len $(MAX_MODEL_LEN) --max-num-batched-tokens $(CHUNK) --enforce-eager \
+	  --max-model-len $(MAX_MODEL_LEN) --max-num-batched-tokens $(CHUNK) --enforce-eager --dtype "$$DTYPE" \
 	  --kv-eviction $(POLICY) --kv-eviction-budget $(BUDGET)
 
 serve-generate: setup
-	MODEL_DIR=$$($(VENV)/bin/vllm-restkv model prepare --name smollm2) && \
+	MODEL_DIR=$$($(VENV)/bin/vllm-restkv model prepare --name smollm2) && DTYPE=$(FAST_DTYPE) && \
 	VLLM_PLUGINS=$(PLUGINS) VLLM_CPU_KVCACHE_SPACE=$(KV_CACHE_GIB) exec $(VENV)/bin/vllm serve "$$MODEL_DIR" \
 	  --served-model-name SmolLM2-135M-Instruct --host 127.0.0.1 --port $(PORT) \
-	  --max-model-len $(MAX_MODEL_LEN) --enforce-eager \
+	  --max-model-len $(MAX_MODEL_LEN) --enforce-eager --dtype "$$DTYPE" \
 	  --kv-eviction $(POLICY) --kv-eviction-budget $(BUDGET)
 
 test: setup test-tools
