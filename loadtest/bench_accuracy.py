@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench_engine import run as run_driver  # noqa: E402  (loadtest/ is on sys.path when run as a script)
-from vllm_restkv.cpu import default_serving_dtype  # noqa: E402
+from vllm_restkv.cpu import DTYPE_HELP, default_serving_dtype  # noqa: E402
 POSITIVE = (" Yes", "Yes", " yes")
 NEGATIVE = (" No", "No", " no")
 NEEDLE_TOKENS = 8
@@ -91,7 +91,7 @@ def main() -> int:
     p.add_argument("--top-k", type=int, default=100, help="logprobs per position used for KL and P(flagged)")
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--kv-blocks", type=int, default=None, help="KV cache size in blocks (default: vLLM's)")
-    p.add_argument("--dtype", default=default_serving_dtype(), help="vLLM --dtype; default: bfloat16 on a GPU or a CPU with native bf16, else float32 (vllm_restkv.cpu)")
+    p.add_argument("--dtype", default=default_serving_dtype(), help=DTYPE_HELP)
     args = p.parse_args()
     result = measure(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parent.parent
 DRIVER = REPO / "tests" / "engine_driver.py"
 sys.path.insert(0, str(REPO))
 
-from vllm_restkv.cpu import default_serving_dtype  # noqa: E402
+from vllm_restkv.cpu import DTYPE_HELP, default_serving_dtype  # noqa: E402
 
 
 def run(spec: dict, timeout: float = 7200) -> dict:
@@ -42,6 +42,28 @@ def run(spec: dict, timeout: float = 7200) -> dict:
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"engine run failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(lines[-1][len("RESULT_JSON "):])
+
+
+def engine_inputs(args) -> tuple[Path, list[list[int]]]:
+    """The model and `args.requests` random prompts of `args.prompt_len` tokens (seed 0) of these benchmarks."""
+    import torch
+
+    from vllm_restkv.models import prepare
+
+    model = prepare(args.model, log=lambda m: print(m, file=sys.stderr))
+    g = torch.Generator().manual_seed(0)
+    return model, [torch.randint(100, 40000, (args.prompt_len,), generator=g).tolist() for _ in range(args.requests)]
+
+
+def engine_spec(args, model: Path, prompts: list[list[int]], policy: str, budget: int) -> dict:
+    """The engine_driver spec (shared with profile_overhead.py): a KV cache of `args.blocks` blocks, every request
+    admitted at once if it fits."""
+    spec = {"model": str(model), "prompts": prompts, "max_tokens": args.max_tokens, "dtype": args.dtype,
+            "max_model_len": args.prompt_len + args.max_tokens + 64,
+            "llm": {"num_gpu_blocks_override": args.blocks, "max_num_seqs": args.requests}}
+    if policy != "none":
+        spec["kv_eviction"] = {"policy": policy, "budget": budget}
+    return spec
 
 
 # two-sided 95% quantiles of Student's t, by degrees of freedom (a table: scipy is not a dependency)
@@ -74,29 +96,18 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=40, help="KV cache size in blocks of 128 tokens")
     parser.add_argument("--budget", type=int, default=256)
     parser.add_argument("--policies", nargs="+", default=["none", "restkv", "snapkv", "h2o", "tova", "streamingllm"])
-    parser.add_argument("--dtype", default=default_serving_dtype(), help="vLLM --dtype; default: bfloat16 on a GPU or a CPU with native bf16, else float32 (vllm_restkv.cpu)")
+    parser.add_argument("--dtype", default=default_serving_dtype(), help=DTYPE_HELP)
     parser.add_argument("--repeats", type=int, default=1, help="interleaved rounds over the policies")
     parser.add_argument("--out", type=Path, help="also write the rows as JSON")
     args = parser.parse_args()
-    import torch
-
-    from vllm_restkv.models import prepare
-
-    model = prepare(args.model, log=lambda m: print(m, file=sys.stderr))
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(100, 40000, (args.prompt_len,), generator=g).tolist() for _ in range(args.requests)]
+    model, prompts = engine_inputs(args)
     runs: dict[str, list[dict]] = {p: [] for p in args.policies}
     total = len(args.policies) * args.repeats
     for round_ in range(args.repeats):
         for i, policy in enumerate(args.policies):
             step = round_ * len(args.policies) + i + 1
             print(f"[{step}/{total}] round {round_ + 1}: {policy} ...", file=sys.stderr, flush=True)
-            spec = {"model": str(model), "prompts": prompts, "max_tokens": args.max_tokens, "dtype": args.dtype,
-                    "max_model_len": args.prompt_len + args.max_tokens + 64,
-                    "llm": {"num_gpu_blocks_override": args.blocks, "max_num_seqs": args.requests}}
-            if policy != "none":
-                spec["kv_eviction"] = {"policy": policy, "budget": args.budget}
-            r = run(spec)
+            r = run(engine_spec(args, model, prompts, policy, args.budget))
             running_free = [f for f, n in zip(r["trace"]["free_blocks"], r["trace"]["running"]) if n]
             runs[policy].append({
                 "seconds": r["generate_seconds"], "max_running": r["max_running"],

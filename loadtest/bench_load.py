@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO))
 import httpx  # noqa: E402
 
 from tests.conftest import running_server, server_env  # noqa: E402
-from vllm_restkv.cpu import default_serving_dtype  # noqa: E402
+from vllm_restkv.cpu import DTYPE_HELP, default_serving_dtype  # noqa: E402
 
 PLUGINS = "restkv,restkv_metrics"
 
@@ -228,7 +228,7 @@ def main() -> int:
     p.add_argument("--rate", nargs="+", type=float, default=None, help="Poisson arrival rates (req/s) instead")
     p.add_argument("--requests", type=int, default=48, help="requests per cell")
     p.add_argument("--max-tokens", nargs="+", type=int, default=[1, 32])
-    p.add_argument("--dtype", default=default_serving_dtype(), help="vLLM --dtype; default: bfloat16 on a GPU or a CPU with native bf16, else float32 (vllm_restkv.cpu)")
+    p.add_argument("--dtype", default=default_serving_dtype(), help=DTYPE_HELP)
     p.add_argument("--serve-args", nargs=argparse.REMAINDER, default=[], help="more `vllm serve` arguments (must come last: everything after it is passed on)")
     p.add_argument("--one-server", action="store_true",
                    help="one server (eviction on) for all policies, chosen per request through vllm_xargs: saves "

@@ -29,7 +29,7 @@ import httpx  # noqa: E402
 
 from tests.conftest import running_server, server_env  # noqa: E402
 from vllm_restkv import benchdata  # noqa: E402
-from vllm_restkv.cpu import default_serving_dtype  # noqa: E402
+from vllm_restkv.cpu import DTYPE_HELP, default_serving_dtype  # noqa: E402
 from vllm_restkv.moderator import auroc, load_insults, prepare_moderator, rates_at, with_scoring  # noqa: E402
 
 PLUGINS = "restkv,restkv_metrics,restkv_moderations"
@@ -86,8 +86,7 @@ def main() -> int:
     p.add_argument("--policies", nargs="+", default=["restkv", "snapkv", "streamingllm"])
     p.add_argument("--budgets", nargs="+", type=int, default=[128, 256])
     p.add_argument("--chunk", type=int, default=512, help="--max-num-batched-tokens (chunked prefill size)")
-    p.add_argument("--dtype", default=default_serving_dtype(),
-                   help="vllm serve --dtype; default: bfloat16 on a GPU or a CPU with native bf16, else float32")
+    p.add_argument("--dtype", default=default_serving_dtype(), help=DTYPE_HELP)
     p.add_argument("--comments", type=int, default=0, help="held-out comments to score (0 = all 2,647)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="JSON result; the plot goes next to it (.png)")

@@ -25,8 +25,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))
+sys.path.insert(0, str(REPO / "loadtest"))
 
-from vllm_restkv.cpu import default_serving_dtype  # noqa: E402
+from vllm_restkv.cpu import DTYPE_HELP, default_serving_dtype  # noqa: E402
 
 PLUGIN_DIR = str(REPO / "vllm_restkv")
 # wrappers around vLLM functions: only their own time is the plugin's (their callees include vLLM's originals)
@@ -65,22 +66,15 @@ def main() -> None:
     p.add_argument("--blocks", type=int, default=200, help="KV cache size in blocks of 128 tokens")
     p.add_argument("--budget", type=int, default=2048)
     p.add_argument("--policy", default="restkv")
-    p.add_argument("--dtype", default=default_serving_dtype())
+    p.add_argument("--dtype", default=default_serving_dtype(), help=DTYPE_HELP)
     p.add_argument("--top", type=int, default=8, help="entry points to list")
     p.add_argument("--out", type=Path, help="also write the result as JSON")
     args = p.parse_args()
-    import torch
-
     import engine_driver
-    from vllm_restkv.models import prepare
+    from bench_engine import engine_inputs, engine_spec
 
-    model = prepare(args.model, log=lambda m: print(m, file=sys.stderr))
-    g = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(100, 40000, (args.prompt_len,), generator=g).tolist() for _ in range(args.requests)]
-    spec = {"model": str(model), "prompts": prompts, "max_tokens": args.max_tokens, "dtype": args.dtype,
-            "max_model_len": args.prompt_len + args.max_tokens + 64,
-            "kv_eviction": {"policy": args.policy, "budget": args.budget},
-            "llm": {"num_gpu_blocks_override": args.blocks, "max_num_seqs": args.requests}}
+    model, prompts = engine_inputs(args)
+    spec = engine_spec(args, model, prompts, args.policy, args.budget)
     print(f"engine: {args.requests} requests of {args.prompt_len} + {args.max_tokens} tokens, {args.policy} "
           f"budget {args.budget}, {args.dtype}, under cProfile ...", file=sys.stderr, flush=True)
     from vllm import LLM

@@ -52,6 +52,9 @@ def emulated_bf16_warning(dtype: object, is_cpu: bool) -> str | None:
             "(the KV cache then takes twice the memory per token)")
 
 
+DTYPE_HELP = "vLLM --dtype; default: bfloat16 on a GPU or a CPU with native bf16, else float32 (vllm_restkv/cpu.py)"
+
+
 def default_serving_dtype() -> str:
     """The benchmarks' default `--dtype`: bfloat16 on a GPU or a CPU with native bf16, float32 on other CPUs."""
     import torch

@@ -436,4 +436,3 @@ def install(runner: Any) -> WorkerEviction | None:
     logger.info("vllm-restkv: KV eviction on in the worker: policy=%s budget=%d", config.policy, config.budget)
     runner.restkv = _current
     return _current
-
