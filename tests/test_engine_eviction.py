@@ -221,3 +221,20 @@ def test_eviction_points_and_outputs_do_not_depend_on_load(tiny_model):
     assert together["tokens"] == alone["tokens"]
     for result in (together, alone):
         assert result["final_free_blocks"] == result["idle_free_blocks"]
+
+
+def test_inputs_longer_than_the_whole_kv_cache(tiny_model):
+    """Offline API: 7 usable blocks (896 tokens) and --max-model-len 4096, which vLLM alone refuses at start-up.
+    With restkv (budget 256, chunks of 256) three prompts of 3,000 tokens run; no request ever holds more than
+    budget + one chunk (4 blocks); the tokens are those of the same eviction with a cache that holds everything."""
+    spec = {"model": str(tiny_model), "prompts": [prompt_ids(3000, seed=90 + i) for i in range(3)],
+            "max_tokens": 40, "max_model_len": 4096, "kv_eviction": {"policy": "restkv", "budget": 256},
+            "llm": {"num_gpu_blocks_override": 8, "max_num_batched_tokens": 256, "max_num_seqs": 4}}
+    small = run_engine(spec)
+    large = run_engine({**spec, "llm": {**spec["llm"], "num_gpu_blocks_override": 128}})
+    assert small["num_gpu_blocks"] == 8
+    assert all(len(t) == 40 for t in small["tokens"])
+    assert max(n for step in small["trace"]["req_blocks"] for n in step.values()) <= 4
+    assert small["final_free_blocks"] == small["idle_free_blocks"]
+    assert small["stats"]["events"] == large["stats"]["events"]
+    assert small["tokens"] == large["tokens"]

@@ -168,11 +168,15 @@ REQUEST_KEYS = ("kv_eviction", "kv_eviction_budget")
 MAX_BUDGET = 2**31 - 1  # token counts are int32 in vLLM's tensors; anything larger is a mistake
 # Set in each process that builds an engine config (the API server, `LLM(...)`), so requests can be checked there.
 _server_config: KVEvictionConfig | None = None
+# The engine config of this process's server (API server or `LLM`): its KV cache size, once the engine reports it,
+# bounds what a request may ask for (vllm_restkv.engine.capacity.check_request_fits).
+_server_vllm_config: Any = None
 
 
-def set_server_config(config: KVEvictionConfig) -> None:
-    global _server_config
+def set_server_config(config: KVEvictionConfig, vllm_config: Any = None) -> None:
+    global _server_config, _server_vllm_config
     _server_config = config
+    _server_vllm_config = vllm_config
 
 
 def validate_request_args(extra_args: Mapping[str, Any] | None, server: KVEvictionConfig | None = None) -> None:
@@ -211,3 +215,7 @@ def validate_request_args(extra_args: Mapping[str, Any] | None, server: KVEvicti
             )
         if budget > MAX_BUDGET:
             raise KVEvictionConfigError(f"vllm_xargs.kv_eviction_budget {budget} is larger than {MAX_BUDGET}")
+    if _server_vllm_config is not None and server.enabled:
+        from vllm_restkv.engine.capacity import check_request_fits
+
+        check_request_fits(_server_vllm_config, server, policy, extra_args.get("kv_eviction_budget", server.budget))

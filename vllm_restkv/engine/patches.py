@@ -22,7 +22,7 @@ from typing import Any
 
 from vllm_restkv import cli_args
 from vllm_restkv.config import KVEvictionConfig, KVEvictionConfigError, set_server_config, validate_request_args
-from vllm_restkv.engine import compatibility, worker_state
+from vllm_restkv.engine import capacity, compatibility, worker_state
 from vllm_restkv.engine.scheduler_state import SchedulerEviction
 from vllm_restkv.engine.worker_state import REPORT_ATTR
 from vllm_restkv.metrics import STATS_FIELD
@@ -111,7 +111,9 @@ def _wrap_create_engine_config(original):
         set_server_config(config)
         if config.enabled:
             compatibility.prepare_engine_args(self, config)
-        return original(self, *args, **kwargs)
+        vllm_config = original(self, *args, **kwargs)
+        set_server_config(config, vllm_config)
+        return vllm_config
 
     return create_engine_config
 
@@ -163,6 +165,33 @@ def stash_wo_factor(layer) -> None:
 
 
 # ---------- engine core (scheduler) ----------
+
+_kv_check_config: Any = None  # the VllmConfig of the get_kv_cache_configs call in progress (engine core)
+
+
+def _wrap_get_kv_cache_configs(original):
+    @functools.wraps(original)
+    def get_kv_cache_configs(vllm_config, *args, **kwargs):
+        global _kv_check_config
+        _kv_check_config = vllm_config
+        try:
+            return original(vllm_config, *args, **kwargs)
+        finally:
+            _kv_check_config = None
+
+    return get_kv_cache_configs
+
+
+def _wrap_check_enough_kv_cache_memory(original):
+    @functools.wraps(original)
+    def _check_enough_kv_cache_memory(available_memory, get_needed_memory, max_model_len, estimate_max_model_len):
+        if _kv_check_config is None:
+            return original(available_memory, get_needed_memory, max_model_len, estimate_max_model_len)
+        return capacity.check_enough_kv_cache_memory(original, _kv_check_config, available_memory, get_needed_memory,
+                                                     max_model_len, estimate_max_model_len)
+
+    return _check_enough_kv_cache_memory
+
 
 def _wrap_scheduler_init(original):
     @functools.wraps(original)
@@ -417,6 +446,17 @@ PATCHES: list[Patch] = [
         "vllm.model_executor.layers.linear:UnquantizedLinearMethod.process_weights_after_loading",
         _wrap_linear_process_weights,
         "keeps ReST-KV's per-head o_proj factors before the CPU backend repacks the weight and drops it",
+    ),
+    Patch(
+        "vllm.v1.engine.core:get_kv_cache_configs",
+        _wrap_get_kv_cache_configs,
+        "(engine core start-up, the name core.py imported) makes the engine config known to the check below ...",
+    ),
+    Patch(
+        "vllm.v1.core.kv_cache_utils:_check_enough_kv_cache_memory",
+        _wrap_check_enough_kv_cache_memory,
+        "... which, with eviction on, requires the KV cache to hold what one request holds at most (budget + one "
+        "chunk) instead of --max-model-len: inputs longer than the cache are served (engine/capacity.py)",
     ),
     Patch(
         "vllm.v1.core.sched.scheduler:Scheduler.__init__",

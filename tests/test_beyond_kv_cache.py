@@ -1,0 +1,101 @@
+"""Inputs longer than the whole KV cache: with eviction on, a real `vllm serve` starts with a cache smaller than
+--max-model-len and answers prompts longer than the cache; what cannot fit is refused with a reason."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import re
+
+import httpx
+import pytest
+
+from conftest import SERVE_DTYPE, running_server, run_vllm
+from vllm_restkv.config import KVEvictionConfig
+from vllm_restkv.engine.capacity import held_tokens_bound
+
+pytestmark = pytest.mark.server
+
+BLOCKS = 8  # one is vLLM's null block: 7 x 128 = 896 tokens of KV cache
+CAPACITY = (BLOCKS - 1) * 128
+SMALL_CACHE = ["--max-model-len", "4096", "--num-gpu-blocks-override", str(BLOCKS), "--max-num-batched-tokens", "256",
+               "--dtype", SERVE_DTYPE]
+
+
+def long_prompt(words: int = 1350) -> str:  # about 2,650 tokens
+    return " ".join(f"item{i % 97} is fine." for i in range(words // 3))
+
+
+@pytest.fixture(scope="module")
+def small_cache_server(tiny_model, tmp_path_factory):
+    log = tmp_path_factory.mktemp("beyond") / "server.log"
+    args = [*SMALL_CACHE, "--kv-eviction", "restkv", "--kv-eviction-budget", "256"]
+    with running_server(tiny_model, args, log) as server:
+        yield server
+
+
+def complete(url: str, prompt: str, **extra) -> httpx.Response:
+    return httpx.post(url + "/v1/completions", json={"model": "m", "prompt": prompt, "max_tokens": 16,
+                                                    "ignore_eos": True, "temperature": 0, **extra}, timeout=300)
+
+
+def test_server_starts_with_a_cache_smaller_than_max_model_len(small_cache_server):
+    log = small_cache_server.output()
+    match = re.search(r"the KV cache holds (\d+) tokens, fewer than --max-model-len 4096; served anyway", log)
+    assert match, log[-3000:]
+    assert int(match.group(1)) == CAPACITY
+    assert "a request holds at most 512 tokens" in log  # budget 256 + one chunk of 256
+
+
+def test_prompts_longer_than_the_cache_are_answered(small_cache_server):
+    url = small_cache_server.url
+    prompt = long_prompt()
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        answers = list(pool.map(lambda _: complete(url, prompt), range(3)))
+    for answer in answers:
+        assert answer.status_code == 200, answer.text
+        usage = answer.json()["usage"]
+        assert usage["prompt_tokens"] > 2 * CAPACITY, usage
+        assert usage["completion_tokens"] == 16
+    metrics = httpx.get(url + "/metrics").text
+    evicted = sum(float(v) for v in re.findall(r"^restkv_evicted_tokens_total(?:\{[^}]*\})? (\S+)$", metrics, re.M))
+    assert evicted >= 3 * (answers[0].json()["usage"]["prompt_tokens"] - CAPACITY)
+
+
+@pytest.mark.parametrize(
+    "xargs, message",
+    [
+        ({"kv_eviction": "none"}, "KV cache holds 896 tokens, fewer than --max-model-len 4096, so a request cannot "
+                                  "turn eviction off"),
+        ({"kv_eviction_budget": 700}, "a request would hold up to 956 tokens, but this server's KV cache holds 896"),
+    ],
+)
+def test_requests_that_cannot_fit_get_400_and_harm_nobody(small_cache_server, xargs, message):
+    url = small_cache_server.url
+    bad = complete(url, "Hello", vllm_xargs=xargs)
+    assert bad.status_code == 400, bad.text
+    assert message in bad.json()["error"]["message"]
+    good = complete(url, long_prompt(), vllm_xargs={"kv_eviction_budget": 384})  # 384 + 256 = 640 <= 896
+    assert good.status_code == 200, good.text
+
+
+def test_a_budget_the_cache_cannot_hold_stops_start_up(tiny_model):
+    result = run_vllm(["serve", str(tiny_model), *SMALL_CACHE, "--kv-eviction", "restkv",
+                       "--kv-eviction-budget", "700"], timeout=240)
+    assert result.returncode != 0
+    out = result.stdout + result.stderr
+    assert "the KV cache holds 896 tokens, but with --kv-eviction restkv and budget 700 a request holds up to 956" \
+        in out, out[-3000:]
+
+
+def test_held_tokens_bound():
+    config = KVEvictionConfig(policy="restkv", budget=256, decode_interval=64)
+    # generate: budget + the larger of one chunk and the decode growth (64 rounded up to fill the last block)
+    assert held_tokens_bound(config, "restkv", 256, 256, 128, pooling=False) == 512
+    assert held_tokens_bound(config, "restkv", 256, 64, 128, pooling=False) == 384
+    assert held_tokens_bound(config, "restkv", 256, 64, 128, pooling=True) == 320  # pooling ends with its prompt
+    assert held_tokens_bound(config, "none", 256, 256, 128, pooling=False) is None
+    never_in_decode = KVEvictionConfig(policy="restkv", budget=256, decode_interval=0)
+    assert held_tokens_bound(never_in_decode, "restkv", 256, 256, 128, pooling=False) is None
+    assert held_tokens_bound(never_in_decode, "restkv", 256, 256, 128, pooling=True) == 512
+    no_prefill = KVEvictionConfig(policy="restkv", budget=256, evict_during_prefill=False)
+    assert held_tokens_bound(no_prefill, "restkv", 256, 256, 128, pooling=True) is None
