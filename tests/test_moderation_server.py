@@ -435,3 +435,23 @@ def test_token_scan_scores_the_most_insulting_position(scan_server, scan_model):
 
 def test_client_that_disconnects_cancels_a_token_scan(scan_server):
     test_client_that_disconnects_cancels_its_moderation(scan_server)
+
+
+def test_threads_longer_than_the_whole_kv_cache(server, moderator_model, tmp_path):
+    """A moderation server whose KV cache holds 896 tokens (7 usable blocks; vLLM alone refuses it with
+    --max-model-len 4096) scores 3,000-token threads: each request holds at most budget + one chunk. The scores
+    equal those of the server above, whose cache holds everything: eviction happens at the same chunk boundaries."""
+    args = [*SERVER_ARGS, "--num-gpu-blocks-override", "8"]
+    threads = [long_thread(3000, INSULTS[0]), long_thread(3000, None)]
+    full = [httpx.post(server.url + "/v1/moderations", json={"input": t}, headers=headers(), timeout=300)
+            for t in threads]
+    with running_server(moderator_model, args, tmp_path / "serve.log", env=server_env(VLLM_PLUGINS=PLUGINS)) as s:
+        assert "fewer than --max-model-len 4096; served anyway" in s.output()
+        small = [httpx.post(s.url + "/v1/moderations", json={"input": t}, headers=headers(), timeout=600)
+                 for t in threads]
+    for one, reference in zip(small, full):
+        assert one.status_code == 200 and reference.status_code == 200, (one.text, reference.text)
+        assert one.json()["restkv"]["inputs"][0]["prompt_tokens"] > 2 * 896
+        score = one.json()["results"][0]["category_scores"]["harassment"]
+        expected = reference.json()["results"][0]["category_scores"]["harassment"]
+        assert abs(score - expected) < 1e-3, (score, expected)

@@ -114,13 +114,16 @@ class SchedulerEviction:
 
     def admission_tokens(self, request: Any) -> int:
         """The most KV tokens this request will hold at once: its whole sequence without eviction (or with a budget
-        it never reaches), else budget + one prefill chunk (+ decode growth between decode evictions)."""
+        it never reaches, or no eviction during prefill), else budget + one prefill chunk (generating requests: or
+        the decode growth between decode evictions, if larger). Pooling requests too (they were sized by their
+        whole prompt before 2026-12-02, so a moderation server admitted no more of them than vanilla vLLM)."""
         full = request.num_tokens
-        if request.sampling_params is None:
-            return full
+        # pooling requests (no sampling params) run with the server's settings, as in the worker
         policy, budget = request_overrides(request.sampling_params, self.config)
-        if policy == NO_EVICTION or budget >= full:
+        if policy == NO_EVICTION or budget >= full or not self.config.evict_during_prefill:
             return full
+        if request.sampling_params is None:  # pooling: ends with its prompt
+            return min(full, budget + self.prefill_stride)
         growth = max(self.prefill_stride, decode_slack(budget, self.config.decode_interval, self.scheduler.block_size))
         return min(full, budget + growth)
 
