@@ -12,10 +12,19 @@ import json
 from pathlib import Path
 
 
-def ratios(result: dict) -> dict[str, float]:
-    """{policy: req/s / req/s of none} over the cells of one run (one cell per policy expected)."""
-    base = next(c["req_s"] for c in result["cells"] if c["policy"] == "none")
-    return {c["policy"]: c["req_s"] / base for c in result["cells"]}
+def ratios(cells: list[dict]) -> dict[str, float]:
+    """{policy: req/s / req/s of none} over cells of one run at one load (one cell per policy expected)."""
+    base = next(c["req_s"] for c in cells if c["policy"] == "none")
+    return {c["policy"]: c["req_s"] / base for c in cells}
+
+
+def groups(result: dict, label: str) -> list[tuple[str, list[dict]]]:
+    """One group of bars per load level of a run (concurrency or rate): [(label, cells)]."""
+    load = result["load"]
+    levels = sorted({c[load] for c in result["cells"]})
+    if len(levels) == 1:
+        return [(label, result["cells"])]
+    return [(f"{label}\n{load} {level}", [c for c in result["cells"] if c[load] == level]) for level in levels]
 
 
 def main() -> int:
@@ -33,20 +42,21 @@ def main() -> int:
     labels = args.labels or [r["date"] for r in runs]
     if len(labels) != len(runs):
         p.error("give one label per result")
-    policies = [c["policy"] for c in runs[0]["cells"]]
+    bar_groups = [g for run, label in zip(runs, labels) for g in groups(run, label)]
+    policies = list(dict.fromkeys(c["policy"] for _, cells in bar_groups for c in cells))
     width = 0.8 / len(policies)
-    fig, ax = plt.subplots(figsize=(2.5 + 2 * len(runs), 4))
+    fig, ax = plt.subplots(figsize=(2.5 + 2 * len(bar_groups), 4))
     for i, policy in enumerate(policies):
-        values = [ratios(r).get(policy, 0.0) for r in runs]
-        bars = ax.bar([j + i * width for j in range(len(runs))], values, width, label=policy)
+        values = [ratios(cells).get(policy, 0.0) for _, cells in bar_groups]
+        bars = ax.bar([j + i * width for j in range(len(bar_groups))], values, width, label=policy)
         ax.bar_label(bars, fmt="%.2fx", fontsize=7)
     ax.axhline(1.0, color="black", linewidth=0.8)
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(runs))], labels)
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(bar_groups))], [label for label, _ in bar_groups])
     ax.set_ylabel("requests/s relative to none (same run)")
     first = runs[0]
     cell = first["cells"][0]
     ax.set_title(f"{first['model']}, {first['kv_blocks']} KV blocks, prompts of {first['prompt_tokens']} tokens, "
-                 f"max_tokens {cell['max_tokens']}, {first['load']} {cell[first['load']]}", fontsize=9)
+                 f"max_tokens {cell['max_tokens']}", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)
