@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import random
 import re
@@ -257,9 +258,19 @@ def measure(args) -> dict:
     server_info = {}
     # one server per policy; or with --one-server a single server where each request names its policy
     groups = [("restkv", args.policies)] if args.one_server else [(policy, [policy]) for policy in args.policies]
+    refused = []
     for server_policy, policies in groups:
-        with running_server(model, serve_args(args, server_policy, model), log_dir / f"serve-{server_policy}.log",
-                            env=server_env(VLLM_PLUGINS=PLUGINS)) as server:
+        log_path = log_dir / f"serve-{server_policy}.log"
+        with contextlib.ExitStack() as stack:
+            try:
+                server = stack.enter_context(running_server(model, serve_args(args, server_policy, model), log_path,
+                                                            env=server_env(VLLM_PLUGINS=PLUGINS)))
+            except RuntimeError as e:  # refused to start: e.g. vanilla vLLM with a cache < --max-model-len
+                reason = start_up_refusal(log_path.read_text(errors="replace")) or str(e)[:300]
+                refused.append({"policy": server_policy, "reason": reason})
+                done += len(policies) * len(args.max_tokens) * len(loads)
+                log(f"{server_policy}: the server did not start: {reason}")
+                continue
             info = httpx.get(server.url + "/metrics").text
             m = re.search(r'vllm:cache_config_info\{([^}]*)\}', info)
             if m:
@@ -288,7 +299,17 @@ def measure(args) -> dict:
             "kv_blocks": args.kv_blocks, "dtype": args.dtype, "server": server_info, "chunk": args.chunk, "max_num_seqs": args.max_num_seqs,
             "prompt_tokens": args.prompt_tokens, "requests_per_cell": args.requests, "load": loads[0][0],
             "one_server": args.one_server,
-            "seconds": time.time() - started, "cells": cells}
+            "seconds": time.time() - started, "cells": cells, "refused": refused}
+
+
+def start_up_refusal(log_text: str) -> str | None:
+    """The line of a server log that says why it refused to start (vLLM's KV cache check or ours)."""
+    for pattern in (r"(To serve at least one request[^\n]*?)(?: Try increasing|$)", r"(vllm-restkv: the KV cache holds[^\n]*)",
+                    r"(ValueError: [^\n]*)"):
+        m = re.search(pattern, log_text, re.M)
+        if m:
+            return m.group(1).strip()
+    return None
 
 
 def print_table(result: dict) -> None:
@@ -306,6 +327,8 @@ def print_table(result: dict) -> None:
               f"{f'{ratio:.2f}x' if ratio else '-'} | {c['output_tok_s']:.1f} | {c['ttft_p50']:.2f} | "
               f"{c['ttft_p99']:.2f} | {tpot} | {c['max_running']:.0f} | {c['max_kv_usage']:.0%} | "
               f"{c['preemptions']:.0f} | {c['peak_memory_gib']:.2f} |")
+    for r in result.get("refused", []):
+        print(f"| {r['policy']} | did not start: {r['reason']} |")
     print(f"\ncommand: {result['command']}")
 
 

@@ -99,3 +99,41 @@ def test_held_tokens_bound():
     assert held_tokens_bound(never_in_decode, "restkv", 256, 256, 128, pooling=True) == 512
     no_prefill = KVEvictionConfig(policy="restkv", budget=256, evict_during_prefill=False)
     assert held_tokens_bound(no_prefill, "restkv", 256, 256, 128, pooling=True) is None
+
+
+def _vllm_config(chunk: int, max_model_len: int = 4096, policy: str = "restkv", budget: int = 256):
+    """The fields of VllmConfig that capacity.check_enough_kv_cache_memory reads."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        additional_config={"kv_eviction": {"policy": policy, "budget": budget}},
+        scheduler_config=SimpleNamespace(max_num_batched_tokens=chunk),
+        cache_config=SimpleNamespace(block_size=128),
+        model_config=SimpleNamespace(runner_type="generate", original_max_model_len=max_model_len))
+
+
+def _vllm_check(available, get_needed_memory, max_model_len, estimate):  # vLLM's rule, as in kv_cache_utils
+    if get_needed_memory() > available:
+        raise ValueError(f"To serve at least one request with the model's max seq len ({max_model_len})")
+
+
+@pytest.mark.parametrize(
+    "chunk, policy, budget, outcome",
+    [
+        (256, "restkv", 256, "served"),  # holds 512 of the 896 tokens the cache holds
+        (256, "none", 256, "To serve at least one request"),  # vanilla vLLM's rule
+        (256, "restkv", 700, "a request holds up to 956"),  # our refusal
+        (4096, "restkv", 256, "lower --max-num-batched-tokens"),  # vLLM's refusal, with the hint
+    ],
+)
+def test_start_up_check_branches(chunk, policy, budget, outcome):
+    from vllm_restkv.engine.capacity import check_enough_kv_cache_memory
+
+    per_token = 10  # bytes: the cache holds 896 tokens, one request of --max-model-len needs 4096
+    config = _vllm_config(chunk, policy=policy, budget=budget)
+    args = (896 * per_token, lambda: 4096 * per_token, 4096, lambda available: available // per_token)
+    if outcome == "served":
+        assert check_enough_kv_cache_memory(_vllm_check, config, *args) is None
+    else:
+        with pytest.raises(ValueError, match=re.escape(outcome)):
+            check_enough_kv_cache_memory(_vllm_check, config, *args)

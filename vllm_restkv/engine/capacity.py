@@ -48,6 +48,16 @@ def check_enough_kv_cache_memory(original, vllm_config: Any, available_memory: i
     """vLLM's start-up check, with eviction on: the cache must hold what one evicting request holds at most."""
     config = KVEvictionConfig.from_vllm_config(vllm_config)
     bound = server_bound(vllm_config, config) if config.enabled else None
+    if bound is not None and bound >= max_model_len and available_memory > 0:
+        try:
+            return original(available_memory, get_needed_memory, max_model_len, estimate_max_model_len)
+        except ValueError as e:  # eviction could have helped: say how
+            raise ValueError(
+                f"{e} vllm-restkv: with --kv-eviction {config.policy} a request holds at most {bound} tokens (budget "
+                f"{config.budget} + one prefill chunk of --max-num-batched-tokens "
+                f"{vllm_config.scheduler_config.max_num_batched_tokens}, or the decode growth), which is not less "
+                f"than --max-model-len {max_model_len}; lower --max-num-batched-tokens and the KV cache need only "
+                f"hold that bound.") from None
     if (bound is None or bound >= max_model_len or available_memory <= 0
             or vllm_config.model_config.original_max_model_len == -1 or get_needed_memory() <= available_memory):
         return original(available_memory, get_needed_memory, max_model_len, estimate_max_model_len)
