@@ -115,24 +115,26 @@ def test_burst_beyond_the_cache_completes_with_preemptions_and_leaks_nothing(ser
     wait_idle(server.url)
     preemptions_before = metric(server.url, "vllm:num_preemptions_total")
     with ThreadPoolExecutor(len(jobs)) as pool:
-        futures = {}
-        for i in range(12, 15):  # the growers first, admitted together while their prompts are short
-            prompt, xargs, max_tokens = jobs[i]
-            futures[i] = pool.submit(complete, server.url, prompt, max_tokens=max_tokens, xargs=xargs)
+        # the growers first, in one request (a list of prompts) so that they reach the engine at the same moment: sent
+        # as three requests they arrived seconds apart in two CI runs, and two of them could finish first
+        growers = pool.submit(complete, server.url, [job[0] for job in jobs[12:]], max_tokens=1120, xargs=none)
         deadline = time.time() + 60
-        # polled every 0.25 s: they run together for 10 s or more, and polling /metrics every 20 ms kept the API
-        # server's event loop so busy in one CI run that the growers reached the engine seconds apart
         while metric(server.url, "vllm:num_requests_running") < 3:
             assert time.time() < deadline, "the three growers never ran together"
             time.sleep(0.25)
+        futures = {}
         for i in range(12):
             prompt, xargs, max_tokens = jobs[i]
             futures[i] = pool.submit(complete, server.url, prompt, max_tokens=max_tokens, xargs=xargs)
             time.sleep(0.05)
-        responses = [futures[i].result() for i in range(len(jobs))]
-    assert [r.status_code for r in responses] == [200] * len(jobs), [r.text for r in responses if r.status_code != 200]
-    texts = [r.json()["choices"][0]["text"] for r in responses]
-    assert [r.json()["usage"]["completion_tokens"] for r in responses] == [job[2] for job in jobs]
+        responses = [futures[i].result() for i in range(12)]
+        grown = growers.result()
+    assert [r.status_code for r in responses + [grown]] == [200] * 13, \
+        [r.text for r in responses + [grown] if r.status_code != 200]
+    grown_choices = sorted(grown.json()["choices"], key=lambda c: c["index"])
+    texts = [r.json()["choices"][0]["text"] for r in responses] + [c["text"] for c in grown_choices]
+    assert [r.json()["usage"]["completion_tokens"] for r in responses] == [job[2] for job in jobs[:12]]
+    assert grown.json()["usage"]["completion_tokens"] == 3 * 1120 and len(grown_choices) == 3
     preemptions = metric(server.url, "vllm:num_preemptions_total") - preemptions_before
     assert preemptions > 0, "the burst was meant to exceed the KV cache"
     # Requests without eviction are exact under any load. Evicting requests may differ from the one-at-a-time run:
