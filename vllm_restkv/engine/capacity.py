@@ -17,7 +17,7 @@ import logging
 from typing import Any
 
 from vllm_restkv.config import NO_EVICTION, KVEvictionConfig, KVEvictionConfigError
-from vllm_restkv.engine.worker_state import decode_slack
+from vllm_restkv.engine.worker_state import decode_slack, prefill_stride
 
 logger = logging.getLogger("vllm.restkv")
 
@@ -39,7 +39,7 @@ def server_bound(vllm_config: Any, config: KVEvictionConfig, policy: str | None 
                  budget: int | None = None) -> int | None:
     return held_tokens_bound(
         config, config.policy if policy is None else policy, config.budget if budget is None else budget,
-        max(int(vllm_config.scheduler_config.max_num_batched_tokens), 1), int(vllm_config.cache_config.block_size),
+        prefill_stride(vllm_config.scheduler_config), int(vllm_config.cache_config.block_size),
         getattr(vllm_config.model_config, "runner_type", "generate") == "pooling")
 
 
