@@ -119,8 +119,13 @@ def test_burst_beyond_the_cache_completes_with_preemptions_and_leaks_nothing(ser
         # as three requests they arrived seconds apart in two CI runs, and two of them could finish first
         growers = pool.submit(complete, server.url, [job[0] for job in jobs[12:]], max_tokens=1120, xargs=none)
         deadline = time.time() + 60
-        while metric(server.url, "vllm:num_requests_running") < 3:
-            assert time.time() < deadline, "the three growers never ran together"
+        seen = []  # (running, waiting) as polled, for the failure message
+        while (counts := (metric(server.url, "vllm:num_requests_running"),
+                          metric(server.url, "vllm:num_requests_waiting")))[0] < 3:
+            seen.append(counts)
+            assert time.time() < deadline, (
+                f"the three growers never ran together: (running, waiting) polled {seen[:8]} ... {seen[-8:]}; "
+                f"the growers' request {'answered ' + growers.result().text[:300] if growers.done() else 'pending'}")
             time.sleep(0.25)
         futures = {}
         for i in range(12):
