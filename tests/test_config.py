@@ -168,7 +168,10 @@ def test_onednn_primitive_cache_is_turned_off_on_cpu_unless_the_user_set_it(monk
     from vllm_restkv import plugin
 
     for name in (plugin.ONEDNN_CACHE_ENV, "DNNL_PRIMITIVE_CACHE_CAPACITY", plugin._ONEDNN_MARKER):
-        monkeypatch.delenv(name, raising=False)
+        # set, then deleted: monkeypatch then restores the variable as it was, absent included (a bare delenv of an
+        # absent variable records nothing, and what the plugin set here leaked into every later test's servers)
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     plugin._bound_onednn_primitive_cache()
     assert os.environ[plugin.ONEDNN_CACHE_ENV] == "0" and os.environ[plugin._ONEDNN_MARKER] == "1"
     logger = logging.getLogger("vllm.restkv")  # vLLM's loggers may not propagate to caplog's root handler
