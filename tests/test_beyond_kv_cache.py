@@ -137,3 +137,29 @@ def test_start_up_check_branches(chunk, policy, budget, outcome):
     else:
         with pytest.raises(ValueError, match=re.escape(outcome)):
             check_enough_kv_cache_memory(_vllm_check, config, *args)
+
+
+@pytest.mark.parametrize("api_servers", [1, 2])
+def test_the_settings_hold_from_the_first_request_on_with_one_or_several_api_servers(tiny_model, tmp_path,
+                                                                                     api_servers):
+    """The very first request the worker decodes may set its own policy (before 2026-12-02 the worker checked it
+    before it knew the server's settings, refused it, and the engine died). With --api-server-count 2 each API
+    server process rebuilds its engine args from the parsed flags before vLLM has loaded our plugin there; both must
+    still know eviction is on (a request's own policy accepted, what cannot fit refused: before, they took eviction
+    for off, refused every per-request policy and let `kv_eviction: none` through on this small cache)."""
+    args = [*SMALL_CACHE, "--kv-eviction", "restkv", "--kv-eviction-budget", "256", "--api-server-count",
+            str(api_servers)]
+    with running_server(tiny_model, args, tmp_path / "server.log") as server:
+        if api_servers > 1:
+            assert len(set(re.findall(r"ApiServer_(\d+)", server.output()))) == api_servers
+        for _ in range(3):  # new connections, spread over the two servers by the kernel
+            own = complete(server.url, long_prompt(), vllm_xargs={"kv_eviction": "snapkv"})
+            assert own.status_code == 200, own.text
+            assert own.json()["usage"]["prompt_tokens"] > 2 * CAPACITY
+            off = complete(server.url, "Hello", vllm_xargs={"kv_eviction": "none"})
+            assert off.status_code == 400 and "cannot turn eviction off" in off.json()["error"]["message"], off.text
+            big = complete(server.url, "Hello", vllm_xargs={"kv_eviction_budget": 700})
+            assert big.status_code == 400 and "KV cache holds 896" in big.json()["error"]["message"], big.text
+        events = httpx.get(server.url + "/metrics").text
+        assert re.search(r'^restkv_eviction_events_total\{[^}]*policy="snapkv"[^}]*\} [1-9]', events, re.M), \
+            "snapkv evictions missing from /metrics"

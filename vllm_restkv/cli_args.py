@@ -114,6 +114,11 @@ def merge_cli_args_into(engine_args: Any, args: argparse.Namespace) -> None:
     except KVEvictionConfigError as e:
         raise SystemExit(f"vllm serve: error: {e}") from None
     engine_args.additional_config = additional
+    # Written back into the parsed flags too: with --api-server-count > 1 each API server process rebuilds its
+    # engine args from this namespace before vLLM has loaded our plugin there (so without our from_cli_args), and
+    # would otherwise see eviction off (per-request settings refused, request checks skipped).
+    if hasattr(args, "additional_config"):
+        args.additional_config = dict(additional)
 
 
 def normalize_additional_config(engine_args: Any) -> KVEvictionConfig:

@@ -355,6 +355,18 @@ def _wrap_allocate_new_blocks(original):
 
 # ---------- workers (model runner) ----------
 
+def _wrap_runner_init(original):
+    @functools.wraps(original)
+    def __init__(self, vllm_config, *args, **kwargs):
+        original(self, vllm_config, *args, **kwargs)
+        # A worker decodes each scheduler output's SamplingParams, which re-checks vllm_xargs against this process's
+        # server settings, before _update_states installs our worker state: without this, a first request that
+        # sets its own policy was refused here and the refusal killed the worker (and with it the engine).
+        set_server_config(KVEvictionConfig.from_vllm_config(vllm_config))
+
+    return __init__
+
+
 def _wrap_update_states(original):
     @functools.wraps(original)
     def _update_states(self, scheduler_output):
@@ -511,6 +523,12 @@ PATCHES: list[Patch] = [
         "vllm.v1.core.single_type_kv_cache_manager:SingleTypeKVCacheManager.allocate_new_blocks",
         _wrap_allocate_new_blocks,
         "same as get_num_blocks_to_allocate, for the allocation itself",
+    ),
+    Patch(
+        "vllm.v1.worker.gpu_model_runner:GPUModelRunner.__init__",
+        _wrap_runner_init,
+        "tells the worker process the server's eviction settings before it decodes any request's SamplingParams "
+        "(the CPU runner subclasses this one)",
     ),
     Patch(
         "vllm.v1.worker.gpu_model_runner:GPUModelRunner._update_states",
