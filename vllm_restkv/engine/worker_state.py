@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vllm_restkv.config import KVEvictionConfig, KVEvictionConfigError, set_server_config
+from vllm_restkv.config import KVEvictionConfig, KVEvictionConfigError
 from vllm_restkv.engine import kv_layout
 
 logger = logging.getLogger("vllm.restkv")
@@ -427,8 +427,8 @@ class WorkerEviction:
 def install(runner: Any) -> WorkerEviction | None:
     """Create the worker state for this runner if eviction is configured (called after the runner is built)."""
     global _current
+    # (this process's request checks learnt the server's settings when the runner was built: patches._wrap_runner_init)
     config = KVEvictionConfig.from_vllm_config(runner.vllm_config)
-    set_server_config(config)  # for request checks in this process (see patches._wrap_scheduler_init)
     if not config.enabled:  # requests cannot switch eviction on when the server runs without it
         _current = runner.restkv = None
         return None
