@@ -334,6 +334,26 @@ def test_top_k_latest_breaks_ties_towards_later_positions():
     assert top_k_latest(scores, 0).shape == (2, 0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, F64, torch.bfloat16])
+@pytest.mark.parametrize("pooled", [False, True])
+def test_exact_selection_helpers_against_sorting(monkeypatch, dtype, pooled):
+    """top_n_index_sums / kth_largest (numpy's introselect on the CPU, in row blocks on threads when large; topk for
+    other dtypes) against a full sort, on random rows without ties."""
+    if pooled:
+        monkeypatch.setattr(scoring, "_PARALLEL_MIN_ELEMENTS", 1)
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    g = torch.Generator().manual_seed(21)
+    x = torch.randn(2, 7, 300, generator=g, dtype=F64).to(dtype)
+    for n in (1, 37, 299, 300, 400):
+        order = x.to(F64).argsort(dim=-1, descending=True)
+        expect = order[..., :n].sum(dim=-1)
+        assert torch.equal(scoring.top_n_index_sums(x, n), expect), n
+        if n <= 300:
+            kth = x.reshape(14, 300).to(F64).sort(dim=-1, descending=True).values[:, n - 1:n]
+            got = scoring.kth_largest(x.reshape(14, 300), n)
+            assert got.dtype == x.dtype and torch.equal(got.to(F64), kth), n
+
+
 # ---------- ReST-KV and the baselines against brute-force rules ----------
 
 def test_restkv_policy_against_brute_force():
