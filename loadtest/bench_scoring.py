@@ -9,7 +9,7 @@ SmolLM2-135M's shapes, random weights, sdpa: norms, QKV/O projections, RoPE, att
 in fp32 and the faster of the two counts (the smaller denominator: CPUs without native bf16 run bf16 matmuls several
 times slower than fp32 ones); the table names the dtype that won. Scoring is per layer and per request, on the torch
 path, timed through `policy.select` as the engine calls it (scores, smoothing, GQA aggregation and top-k). `--quick` runs small
-sizes once, as a smoke test.
+sizes once, as a smoke test; `--engine-sizes` times every policy's select at the load test's sizes instead.
 """
 
 from __future__ import annotations
@@ -88,7 +88,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--budget", type=int, default=512)
     parser.add_argument("--quick", action="store_true", help="lengths 1024 2048, one repeat, budget 256")
+    parser.add_argument("--engine-sizes", action="store_true",
+                        help="instead: every policy's select at the engine benchmark's sizes (tiny model: 4 query / 2 "
+                             "KV heads, 768 tokens = budget 256 + a chunk of 512), one thread, 200 calls")
     args = parser.parse_args()
+    if args.engine_sizes:
+        engine_sizes()
+        return
     if args.quick:
         args.lengths, args.repeats, args.budget = [1024, 2048], 1, 256
     torch.manual_seed(0)
@@ -116,6 +122,32 @@ def main() -> None:
         print(f"| {L} | {r * 1e3:.1f} | {s * 1e3:.1f} | {r / s:.2f}x | {a * 1e3:.1f} {a_dtype} | {100 * r / a:.1f}% "
               f"| {y * 1e3:.1f} {y_dtype} | {100 * r / y:.1f}% |")
     print(f"\ncommand: {' '.join(sys.argv)}; torch {torch.__version__}, threads {torch.get_num_threads()}")
+
+
+def engine_sizes(length: int = 768, budget: int = 256, calls: int = 200) -> None:
+    """Per-call select time of each policy at the load test's sizes, where dispatch and allocation weigh more than
+    the arithmetic."""
+    from vllm_restkv.models import TINY_SHAPE
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    h, h_kv = TINY_SHAPE["num_attention_heads"], TINY_SHAPE["num_key_value_heads"]
+    d = TINY_SHAPE["head_dim"]
+    weight = torch.randn(TINY_SHAPE["hidden_size"], h * d) / TINY_SHAPE["hidden_size"] ** 0.5
+    kv = LayerKV(query=torch.randn(h, WINDOW, d), key=torch.randn(h_kv, length, d), value=torch.randn(h_kv, length, d),
+                 positions=torch.arange(length).expand(h_kv, length), o_proj_weight=weight,
+                 wo_factor=wo_factors(weight, h))
+    print(f"| policy | select (ms), {h} query / {h_kv} KV heads, L={length}, budget {budget}, 1 thread |")
+    print("|---|---|")
+    for name in ("restkv", "snapkv", "h2o", "tova", "streamingllm"):
+        policy = get_policy(name, window=WINDOW)
+        for _ in range(20):
+            policy.select(kv, budget)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            policy.select(kv, budget)
+        print(f"| {name} | {(time.perf_counter() - t0) / calls * 1e3:.2f} |")
+    print(f"\ncommand: {' '.join(sys.argv)}; torch {torch.__version__}")
 
 
 if __name__ == "__main__":
