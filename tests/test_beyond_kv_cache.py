@@ -163,3 +163,34 @@ def test_the_settings_hold_from_the_first_request_on_with_one_or_several_api_ser
         events = httpx.get(server.url + "/metrics").text
         assert re.search(r'^restkv_eviction_events_total\{[^}]*policy="snapkv"[^}]*\} [1-9]', events, re.M), \
             "snapkv evictions missing from /metrics"
+
+
+@pytest.mark.parametrize("multiprocessing, skip_client_check", [("0", False), ("1", True)])
+def test_offline_requests_that_cannot_fit_are_refused_and_harm_nobody(tiny_model, multiprocessing,
+                                                                      skip_client_check):
+    """Offline `LLM`: SamplingParams built before the engine existed were never checked against its cache. Before
+    2026-12-03 such a request (eviction off on a cache 3x too small) waited at the head of the queue forever and
+    everything behind it with it. In one process the client's check now runs at generate (it was switched off when
+    the in-process engine started); with an engine process and the client's check skipped, the engine core refuses
+    the request itself (finish reason "error") and the good request of the same batch is answered."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO, server_env
+
+    cmd = [sys.executable, str(REPO / "tests" / "offline_refusal_driver.py"), str(tiny_model), multiprocessing]
+    if skip_client_check:
+        cmd.append("--skip-client-check")
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=server_env())
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stdout[-2000:] + done.stderr[-4000:]
+    result = json.loads(lines[-1].removeprefix("RESULT "))
+    if skip_client_check:
+        assert result.get("batch") == [["error", 0], ["length", 4]], result
+        assert "refused: vllm_xargs: this server's KV cache holds 896 tokens" in done.stdout + done.stderr
+    else:
+        assert "cannot turn eviction off" in result.get("raised", ""), result
+        assert "KV cache holds 896 tokens" in result["raised"]
+    finish, generated, prompt_tokens = result["after"]
+    assert (finish, generated) == ("length", 4) and prompt_tokens > 2 * CAPACITY, result

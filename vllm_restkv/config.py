@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -173,10 +174,24 @@ _server_config: KVEvictionConfig | None = None
 _server_vllm_config: Any = None
 
 
+_server_pid: int | None = None  # the process that set _server_vllm_config
+
+
 def set_server_config(config: KVEvictionConfig, vllm_config: Any = None) -> None:
-    global _server_config, _server_vllm_config
+    global _server_config, _server_vllm_config, _server_pid
     _server_config = config
     _server_vllm_config = vllm_config
+    _server_pid = os.getpid() if vllm_config is not None else None
+
+
+def set_engine_side_config(config: KVEvictionConfig) -> None:
+    """For the engine core and the workers, which decode every request's SamplingParams again and so re-run the
+    request check: the capacity check stays off there (a refusal raised while decoding kills the engine's input
+    thread; the client has checked), except in the process that built the engine config itself (offline `LLM` with
+    VLLM_ENABLE_V1_MULTIPROCESSING=0: client and engine in one process, where the client's check must stay on). A
+    forked engine process inherits the globals but has its own pid."""
+    same_process = _server_vllm_config is not None and _server_pid == os.getpid()
+    set_server_config(config, _server_vllm_config if same_process else None)
 
 
 def validate_request_args(extra_args: Mapping[str, Any] | None, server: KVEvictionConfig | None = None) -> None:

@@ -8,7 +8,8 @@ with vLLM's own memory estimate); a server whose KV cache holds 2,048 tokens can
 
 The bound holds only for requests that evict. On such a server a request may not turn eviction off or raise its
 budget beyond what the cache holds (`check_request_fits`, answered with 400 by the API server), else it would wait
-for blocks that never free.
+for blocks that never free. The engine core checks again (`SchedulerEviction.refuse_if_it_cannot_fit`) for requests
+that never met an API server's check: offline `LLM` users build SamplingParams before the engine knows its cache.
 """
 
 from __future__ import annotations
@@ -85,9 +86,11 @@ def kv_capacity_tokens(vllm_config: Any) -> int | None:
     return (blocks // engines - 1) * int(vllm_config.cache_config.block_size)
 
 
-def check_request_fits(vllm_config: Any, server: KVEvictionConfig, policy: str, budget: int) -> None:
-    """Refuse per-request settings a server with a KV cache smaller than --max-model-len cannot hold."""
-    capacity = kv_capacity_tokens(vllm_config)
+def check_request_fits(vllm_config: Any, server: KVEvictionConfig, policy: str, budget: int,
+                       capacity: int | None = None) -> None:
+    """Refuse per-request settings a server with a KV cache smaller than --max-model-len cannot hold. `capacity`:
+    the tokens one engine's cache holds (default: from the config, once the engine has reported its blocks)."""
+    capacity = kv_capacity_tokens(vllm_config) if capacity is None else capacity
     max_model_len = int(vllm_config.model_config.max_model_len)
     if capacity is None or capacity >= max_model_len:
         return

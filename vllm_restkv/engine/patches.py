@@ -21,7 +21,8 @@ import signal
 from typing import Any
 
 from vllm_restkv import cli_args
-from vllm_restkv.config import KVEvictionConfig, KVEvictionConfigError, set_server_config, validate_request_args
+from vllm_restkv.config import (KVEvictionConfig, KVEvictionConfigError, set_engine_side_config, set_server_config,
+                                validate_request_args)
 from vllm_restkv.engine import capacity, compatibility, worker_state
 from vllm_restkv.engine.scheduler_state import SchedulerEviction
 from vllm_restkv.engine.worker_state import REPORT_ATTR
@@ -200,7 +201,7 @@ def _wrap_scheduler_init(original):
         config = KVEvictionConfig.from_vllm_config(self.vllm_config)
         # The engine core decodes every request's SamplingParams again, which re-runs _verify_extra_args: it must
         # check against this server's settings here too (else a valid per-request policy kills the input thread)
-        set_server_config(config)
+        set_engine_side_config(config)
         self.restkv = SchedulerEviction(self, config) if config.enabled else None
         _warn_if_emulated_bf16(self.vllm_config)  # here: once per engine, at start-up
         # the admission gate (KVCacheManager.allocate_slots below) sizes each request by what it will hold
@@ -217,6 +218,18 @@ def _warn_if_emulated_bf16(vllm_config) -> None:
     message = emulated_bf16_warning(vllm_config.model_config.dtype, current_platform.is_cpu())
     if message:
         logger.warning(message)
+
+
+def _wrap_preprocess_add_request(original):
+    @functools.wraps(original)
+    def preprocess_add_request(self, request):
+        result = original(self, request)
+        restkv = getattr(self.scheduler, "restkv", None)
+        if restkv is not None:
+            restkv.refuse_if_it_cannot_fit(result[0])
+        return result
+
+    return preprocess_add_request
 
 
 def _wrap_update_from_output(original):
@@ -362,7 +375,7 @@ def _wrap_runner_init(original):
         # A worker decodes each scheduler output's SamplingParams, which re-checks vllm_xargs against this process's
         # server settings, before _update_states installs our worker state: without this, a first request that
         # sets its own policy was refused here and the refusal killed the worker (and with it the engine).
-        set_server_config(KVEvictionConfig.from_vllm_config(vllm_config))
+        set_engine_side_config(KVEvictionConfig.from_vllm_config(vllm_config))
 
     return __init__
 
@@ -474,6 +487,12 @@ PATCHES: list[Patch] = [
         "vllm.v1.core.sched.scheduler:Scheduler.__init__",
         _wrap_scheduler_init,
         "creates the scheduler-side eviction state (E per request, stats) and hands it to the KV cache manager",
+    ),
+    Patch(
+        "vllm.v1.engine.core:EngineCore.preprocess_add_request",
+        _wrap_preprocess_add_request,
+        "refuses a request whose own eviction settings the KV cache cannot hold (one the API server did not check: "
+        "offline LLM); vLLM answers it with an error instead of it blocking the queue forever",
     ),
     Patch(
         "vllm.v1.core.kv_cache_manager:KVCacheManager.allocate_slots",

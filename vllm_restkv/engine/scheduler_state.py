@@ -17,7 +17,7 @@ import dataclasses
 import logging
 from typing import Any
 
-from vllm_restkv.config import NO_EVICTION, KVEvictionConfig
+from vllm_restkv.config import NO_EVICTION, KVEvictionConfig, KVEvictionConfigError
 from vllm_restkv.engine.worker_state import cdiv, decode_slack, prefill_stride, request_overrides
 
 logger = logging.getLogger("vllm.restkv")
@@ -111,6 +111,25 @@ class SchedulerEviction:
         # a decode step (one token) never crosses a multiple; the last chunk of a prompt must not either
         boundary = (num_computed_tokens // self.prefill_stride + 1) * self.prefill_stride
         return min(num_new_tokens, boundary - num_computed_tokens)
+
+    def refuse_if_it_cannot_fit(self, request: Any) -> None:
+        """Raise KVEvictionConfigError for a request whose own settings (extra_args / vllm_xargs) this engine's KV
+        cache cannot hold: it would wait at the head of the queue forever and hold up every request behind it. The
+        API server refuses these with a 400 already; this catches the rest (offline LLM, SamplingParams built
+        before the engine reported its cache). Raised in EngineCore.preprocess_add_request, vLLM answers the
+        request with an error (or `generate` raises, in-process) and nothing else is touched."""
+        from vllm_restkv.config import REQUEST_KEYS
+        from vllm_restkv.engine.capacity import check_request_fits
+
+        extra = getattr(request.sampling_params, "extra_args", None) or {}
+        if not any(key in extra for key in REQUEST_KEYS):
+            return  # the server's own settings: checked at start-up
+        policy, budget = request_overrides(request.sampling_params, self.config)
+        capacity = (self.block_pool.num_gpu_blocks - 1) * self.scheduler.block_size  # one block is vLLM's null block
+        try:
+            check_request_fits(self.scheduler.vllm_config, self.config, policy, budget, capacity=capacity)
+        except KVEvictionConfigError as e:
+            raise KVEvictionConfigError(f"vllm-restkv: request {request.request_id} refused: {e}") from None
 
     def admission_tokens(self, request: Any) -> int:
         """The most KV tokens this request will hold at once: its whole sequence without eviction (or with a budget
