@@ -262,6 +262,26 @@ def test_projected_distance_by_group_and_chunk_equals_the_explicit_projection(ch
     assert got.shape == (6, 10) and torch.allclose(got, explicit, atol=1e-12)
 
 
+def test_projected_distance_reuses_its_buffers_safely(monkeypatch):
+    """The CPU scratch buffers are reused across calls of other shapes and dtypes, capped in size (wide models take
+    shorter chunks), and never alias a result."""
+    g = torch.Generator().manual_seed(14)
+    monkeypatch.setattr(scoring, "SCRATCH_ELEMENTS", 6 * 8 * 4)  # at most 4 tokens per chunk for 6 heads of 8
+    results = []
+    for length, dtype in [(10, F64), (3, F64), (0, F64), (17, torch.float32), (10, F64)]:
+        W = torch.randn(16, 6 * 8, generator=g, dtype=F64)
+        value = torch.randn(2, length, 8, generator=g, dtype=F64)
+        center = torch.randn(6, 8, generator=g, dtype=F64)
+        explicit = torch.stack([(W[:, h * 8:(h + 1) * 8] @ (center[h][:, None] - value[h // 3].T)).norm(dim=0)
+                                for h in range(6)])
+        got = scoring.projected_distance(value.to(dtype), center.to(dtype), scoring.wo_factors(W, 6).to(dtype))
+        tolerance = 1e-12 if dtype == F64 else 1e-4 * float(explicit.abs().max())
+        assert got.shape == (6, length) and torch.allclose(got.double(), explicit, atol=tolerance), (length, dtype)
+        results.append((got.clone(), got))
+    for kept, got in results:  # later calls did not overwrite earlier results
+        assert torch.equal(kept, got)
+
+
 def test_window_attention_against_brute_force():
     q, k, _, _ = random_case(12, L=20, w=5)
     assert torch.allclose(scoring.window_attention(q, k), brute_attention(q, k), atol=1e-14)

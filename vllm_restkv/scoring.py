@@ -10,13 +10,15 @@ Formulas and oracles: shared/docs/restkv-algorithm.md, sections 2-4 and 10.
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 GQA_MODES = ("mean", "max", "mean_raw")
-DISTANCE_CHUNK = 2048  # prefix tokens projected at once in "after" mode (a buffer of chunk * H * d floats)
+DISTANCE_CHUNK = 2048  # prefix tokens projected at once in "after" mode (a buffer of chunk * H * d floats) ...
+SCRATCH_ELEMENTS = 1 << 22  # ... at most this many floats per buffer (16 MiB in fp32; wide models take shorter chunks)
 BEFORE_CHUNK = 4096  # prefix keys projected at once in "before" mode (memory H * w * chunk * d)
 
 
@@ -107,6 +109,24 @@ def projected_norm(diff: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
     return torch.einsum("hij,hnj->hni", factor.to(diff.dtype), flat).norm(dim=-1).reshape(diff.shape[:-1])
 
 
+_SCRATCH = threading.local()
+
+
+def scratch(slot: int, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised [shape] buffer of like's dtype, reused across calls on the CPU (per thread and slot): glibc
+    hands large blocks back to the kernel on free, so a fresh one costs a page fault per 4 KiB (~0.25 ms per
+    eviction at the engine's sizes, more than the arithmetic it holds). Elsewhere a fresh tensor (CUDA's caching
+    allocator already reuses)."""
+    if like.device.type != "cpu":
+        return like.new_empty(shape)
+    numel = math.prod(shape)
+    buffers = _SCRATCH.__dict__.setdefault("buffers", {})
+    buffer = buffers.get((slot, like.dtype))
+    if buffer is None or buffer.numel() < numel:
+        buffer = buffers[(slot, like.dtype)] = like.new_empty(numel)
+    return buffer[:numel].view(shape)
+
+
 def projected_distance(value: torch.Tensor, center: torch.Tensor, factor: torch.Tensor,
                        chunk: int = DISTANCE_CHUNK) -> torch.Tensor:
     """||R_h (center_h - v_j)|| for every query head h and token j: value [H_kv, P, d] (not expanded), center
@@ -122,8 +142,9 @@ def projected_distance(value: torch.Tensor, center: torch.Tensor, factor: torch.
     factor_t = factor.to(value.dtype).transpose(1, 2)  # x @ R^T = (R x)^T
     center = center.to(value.dtype).view(h_kv, group, 1, d)
     out = value.new_empty(h, length)
+    chunk = min(chunk, max(1, SCRATCH_ELEMENTS // (h * d)))
     size = min(chunk, length)
-    diff_buffer, projected_buffer = value.new_empty(h, size, d), value.new_empty(h, size, d)
+    diff_buffer, projected_buffer = scratch(0, (h, size, d), value), scratch(1, (h, size, d), value)
     for start in range(0, length, chunk):
         stop = min(start + chunk, length)
         diff, projected = diff_buffer[:, : stop - start], projected_buffer[:, : stop - start]
