@@ -9,7 +9,8 @@ SmolLM2-135M's shapes, random weights, sdpa: norms, QKV/O projections, RoPE, att
 in fp32 and the faster of the two counts (the smaller denominator: CPUs without native bf16 run bf16 matmuls several
 times slower than fp32 ones); the table names the dtype that won. Scoring is per layer and per request, on the torch
 path, timed through `policy.select` as the engine calls it (scores, smoothing, GQA aggregation and top-k). `--quick` runs small
-sizes once, as a smoke test; `--engine-sizes` times every policy's select at the load test's sizes instead.
+sizes once, as a smoke test; `--engine-sizes` times every policy's select at the load test's sizes instead, and
+`--layout` reading and compacting the CPU KV cache.
 """
 
 from __future__ import annotations
@@ -91,9 +92,15 @@ def main() -> None:
     parser.add_argument("--engine-sizes", action="store_true",
                         help="instead: every policy's select at the engine benchmark's sizes (tiny model: 4 query / 2 "
                              "KV heads, 768 tokens = budget 256 + a chunk of 512), one thread, 200 calls")
+    parser.add_argument("--layout", action="store_true",
+                        help="instead: reading and compacting one layer of the CPU KV cache (this CPU's layout, found "
+                             "by vLLM's cache-write op), strided fast path vs the general per-element path")
     args = parser.parse_args()
     if args.engine_sizes:
         engine_sizes()
+        return
+    if args.layout:
+        layout_paths()
         return
     if args.quick:
         args.lengths, args.repeats, args.budget = [1024, 2048], 1, 256
@@ -147,6 +154,35 @@ def engine_sizes(length: int = 768, budget: int = 256, calls: int = 200) -> None
         for _ in range(calls):
             policy.select(kv, budget)
         print(f"| {name} | {(time.perf_counter() - t0) / calls * 1e3:.2f} |")
+    print(f"\ncommand: {' '.join(sys.argv)}; torch {torch.__version__}")
+
+
+def layout_paths(length: int = 768, budget: int = 256, calls: int = 100) -> None:
+    """Per-call time of reading one request's K/V out of a layer's CPU cache and compacting the kept rows back, at
+    the engine benchmark's sizes (tiny model: 2 KV heads of 64, blocks of 128), both dtypes, both paths."""
+    from vllm.platforms import current_platform  # noqa: F401  (loads vLLM's CPU ops)
+
+    from vllm_restkv.engine import kv_layout
+    from vllm_restkv.models import TINY_SHAPE
+
+    torch.set_num_threads(1)
+    h_kv, d, bs = TINY_SHAPE["num_key_value_heads"], TINY_SHAPE["head_dim"], 128
+    blocks = torch.tensor([3, 9, 4, 20, 7, 1])
+    print(f"| dtype | path | read (ms) | compact (ms) |  ({h_kv} KV heads of {d}, {length} tokens, keep {budget}, 1 thread)")
+    print("|---|---|---|---|")
+    for dtype in (torch.float32, torch.bfloat16):
+        layout = kv_layout.probe_cpu_layout(dtype, h_kv, d, bs, "vec")
+        cache = torch.randn(32, h_kv, bs, 2 * d).to(dtype)
+        kept = torch.stack([torch.randperm(length)[:budget].sort().values for _ in range(h_kv)])
+        fast = layout.k_transposed_v_rows
+        for path in ("fast", "general") if fast else ("general",):
+            layout.k_transposed_v_rows = path == "fast"
+            k, v = layout.read(cache, blocks, length)
+            t_read = timed(lambda: layout.read(cache, blocks, length), calls)
+            target = cache.clone()
+            t_compact = timed(lambda: kv_layout.compact(layout, target, blocks, k, v, kept), calls)
+            print(f"| {str(dtype).removeprefix('torch.')} | {path} | {t_read * 1e3:.3f} | {t_compact * 1e3:.3f} |")
+        layout.k_transposed_v_rows = fast
     print(f"\ncommand: {' '.join(sys.argv)}; torch {torch.__version__}")
 
 
