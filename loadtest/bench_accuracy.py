@@ -92,7 +92,17 @@ def main() -> int:
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--kv-blocks", type=int, default=None, help="KV cache size in blocks (default: vLLM's)")
     p.add_argument("--dtype", default=default_serving_dtype(), help=DTYPE_HELP)
+    p.add_argument("--policy-config", type=json.loads, default={}, metavar="JSON",
+                   help='more --kv-eviction-config settings for every policy run, e.g. \'{"kernel_size": 1}\' (ablations; '
+                        "recorded in the result)")
     args = p.parse_args()
+    from vllm_restkv.config import KVEvictionConfig
+
+    settings = set(args.policy_config)  # policy and budget come from --policies and --budgets
+    unknown = (settings - set(KVEvictionConfig.field_names())) | (settings & {"policy", "budget"})
+    if unknown:
+        p.error(f"--policy-config: {', '.join(sorted(unknown))} cannot be set here; allowed: "
+                f"{', '.join(n for n in KVEvictionConfig.field_names() if n not in ('policy', 'budget'))}")
     result = measure(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
@@ -134,7 +144,7 @@ def measure(args) -> dict:
         out = run_driver(engine_spec(
             model, [items[k] for k, _, _ in mine],
             [{"kv_eviction": policy, "kv_eviction_budget": b} for _, _, b in mine],
-            {"policy": policy, "budget": max(args.budgets)}, args))
+            {**args.policy_config, "policy": policy, "budget": max(args.budgets)}, args))
         for j, (k, _, budget) in enumerate(mine):
             raw.append({"item": k, "policy": policy, "budget": budget, "top": out["top_logprobs"][j][0],
                         "text": out["texts"][j]})
@@ -177,6 +187,7 @@ def measure(args) -> dict:
             "data": {"name": manifest["name"], "version": manifest["version"], "params": manifest["params"],
                      "sha256": manifest["items_jsonl_sha256"]},
             "chunk": args.chunk, "dtype": args.dtype, "top_k": args.top_k, "threshold": threshold,
+            "policy_config": args.policy_config,
             "seconds": time.time() - started, "rows": rows, "items": per_item,
             "raw": [{k: v for k, v in r.items() if k != "top"} for r in raw]}
 

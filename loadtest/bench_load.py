@@ -15,6 +15,10 @@ requests in flight, or with `--rate`, requests arrive as a Poisson process.
 Per cell (policy x budget x max_tokens x concurrency): requests/s, output and total tokens/s, TTFT and TPOT
 percentiles, the most requests running at once and the mean/peak KV-cache usage (from vLLM's own /metrics, polled
 every 0.25 s), preemptions, and the server's peak memory (PSS of the whole process tree).
+
+`--reference-kv-blocks N` adds one more vanilla server (`none`) with N blocks instead of `--kv-blocks`, reported as
+policy `none@N`: what buying that much more memory would give at the same load, the ceiling an eviction policy is
+measured against (with N = 8 x --kv-blocks: does 8x compression deliver what 8x memory would?).
 """
 
 from __future__ import annotations
@@ -206,11 +210,11 @@ def build_prompts(n: int, tokens: int, seed: int) -> list[str]:
     return [i["prompt"] for i in items]
 
 
-def serve_args(args, policy: str, model: Path) -> list[str]:
+def serve_args(args, policy: str, model: Path, kv_blocks: int | None = None) -> list[str]:
     from vllm_restkv.models import is_dummy_shape
 
     out = ["--load-format", "dummy"] if is_dummy_shape(model) else []
-    out += ["--num-gpu-blocks-override", str(args.kv_blocks), "--max-num-batched-tokens", str(args.chunk),
+    out += ["--num-gpu-blocks-override", str(kv_blocks or args.kv_blocks), "--max-num-batched-tokens", str(args.chunk),
            "--max-num-seqs", str(args.max_num_seqs), "--max-model-len", str(args.prompt_tokens + 256 + max(args.max_tokens)),
            "--no-enable-prefix-caching", "--dtype", args.dtype, "--kv-eviction", policy, *args.serve_args]
     if policy != "none":
@@ -224,6 +228,9 @@ def main() -> int:
     p.add_argument("--policies", nargs="+", default=["none", "restkv", "snapkv", "h2o", "tova", "streamingllm"])
     p.add_argument("--budgets", nargs="+", type=int, default=[256])
     p.add_argument("--kv-blocks", type=int, default=64, help="KV cache size in blocks, the same for every server")
+    p.add_argument("--reference-kv-blocks", type=int, default=None, metavar="N",
+                   help="also run vanilla vLLM with N KV blocks, reported as policy none@N (the same server given more "
+                        "memory: the ceiling for eviction at this load)")
     p.add_argument("--chunk", type=int, default=512, help="--max-num-batched-tokens")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--prompt-tokens", type=int, default=2048)
@@ -240,6 +247,8 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
+    if args.reference_kv_blocks is not None and args.reference_kv_blocks <= args.kv_blocks:
+        p.error(f"--reference-kv-blocks ({args.reference_kv_blocks}) must be larger than --kv-blocks ({args.kv_blocks})")
     result = measure(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
@@ -256,27 +265,30 @@ def measure(args) -> dict:
     loads = [("rate", r) for r in args.rate] if args.rate else [("concurrency", c) for c in args.concurrency]
     log_dir = REPO / ".cache" / "bench-load"
     log_dir.mkdir(parents=True, exist_ok=True)
-    cells_total = sum((1 if pol == "none" else len(args.budgets)) for pol in args.policies) * len(args.max_tokens) * len(loads)
+    # one server per policy; or with --one-server a single server where each request names its policy
+    groups = [("restkv", args.policies, None)] if args.one_server else [(p, [p], None) for p in args.policies]
+    if args.reference_kv_blocks:
+        groups.append(("none", ["none"], args.reference_kv_blocks))
+    cells_total = sum((1 if pol == "none" else len(args.budgets)) for _, pols, _ in groups for pol in pols) \
+        * len(args.max_tokens) * len(loads)
     done, started, cells = 0, time.time(), []
     server_info = {}
-    # one server per policy; or with --one-server a single server where each request names its policy
-    groups = [("restkv", args.policies)] if args.one_server else [(policy, [policy]) for policy in args.policies]
     refused = []
-    for server_policy, policies in groups:
-        log_path = log_dir / f"serve-{server_policy}.log"
+    for server_policy, policies, kv_blocks in groups:
+        log_path = log_dir / f"serve-{server_policy}{f'-{kv_blocks}' if kv_blocks else ''}.log"
         with contextlib.ExitStack() as stack:
             try:
-                server = stack.enter_context(running_server(model, serve_args(args, server_policy, model), log_path,
-                                                            env=server_env(VLLM_PLUGINS=PLUGINS)))
+                server = stack.enter_context(running_server(model, serve_args(args, server_policy, model, kv_blocks),
+                                                            log_path, env=server_env(VLLM_PLUGINS=PLUGINS)))
             except RuntimeError as e:  # refused to start: e.g. vanilla vLLM with a cache < --max-model-len
                 reason = start_up_refusal(log_path.read_text(errors="replace")) or str(e)[:300]
-                refused.append({"policy": server_policy, "reason": reason})
+                refused.append({"policy": reference_name(server_policy, kv_blocks), "reason": reason})
                 done += len(policies) * len(args.max_tokens) * len(loads)
-                log(f"{server_policy}: the server did not start: {reason}")
+                log(f"{refused[-1]['policy']}: the server did not start: {reason}")
                 continue
             info = httpx.get(server.url + "/metrics").text
             m = re.search(r'vllm:cache_config_info\{([^}]*)\}', info)
-            if m:
+            if m and not kv_blocks:
                 labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
                 server_info = {k: labels.get(k) for k in ("block_size", "num_gpu_blocks", "cache_dtype")}
             asyncio.run(run_cell(server.url, server.proc.pid, prompts, 2, 2, None, 2, None))  # warm-up
@@ -291,18 +303,26 @@ def measure(args) -> dict:
                                 server.url, server.proc.pid, prompts, args.requests,
                                 level if kind == "concurrency" else 10_000, level if kind == "rate" else None,
                                 max_tokens, xargs))
-                            cell.update({"policy": policy, "budget": budget, "max_tokens": max_tokens, kind: level})
+                            cell.update({"policy": reference_name(policy, kv_blocks), "budget": budget,
+                                         "max_tokens": max_tokens, kind: level,
+                                         "kv_blocks": kv_blocks or args.kv_blocks})
                             cells.append(cell)
                             done += 1
                             left = (time.time() - started) / done * (cells_total - done)
-                            log(f"[{done}/{cells_total}] {policy} budget={budget} max_tokens={max_tokens} "
+                            log(f"[{done}/{cells_total}] {cell['policy']} budget={budget} max_tokens={max_tokens} "
                                 f"{kind}={level}: {cell['req_s']:.2f} req/s, max running {cell['max_running']:.0f}, "
                                 f"TTFT p50 {cell['ttft_p50']:.2f} s (about {left / 60:.1f} min left)")
     return {"date": time.strftime("%Y-%m-%d"), "command": "python " + " ".join(sys.argv), "model": model.name,
-            "kv_blocks": args.kv_blocks, "dtype": args.dtype, "server": server_info, "chunk": args.chunk, "max_num_seqs": args.max_num_seqs,
+            "kv_blocks": args.kv_blocks, "reference_kv_blocks": args.reference_kv_blocks, "dtype": args.dtype,
+            "server": server_info, "chunk": args.chunk, "max_num_seqs": args.max_num_seqs,
             "prompt_tokens": args.prompt_tokens, "requests_per_cell": args.requests, "load": loads[0][0],
             "one_server": args.one_server,
             "seconds": time.time() - started, "cells": cells, "refused": refused}
+
+
+def reference_name(policy: str, kv_blocks: int | None) -> str:
+    """`none@N` for the reference server with N blocks, else the policy."""
+    return f"{policy}@{kv_blocks}" if kv_blocks else policy
 
 
 def start_up_refusal(log_text: str) -> str | None:

@@ -160,8 +160,6 @@ def engine_sizes(length: int = 768, budget: int = 256, calls: int = 200) -> None
 def layout_paths(length: int = 768, budget: int = 256, calls: int = 100) -> None:
     """Per-call time of reading one request's K/V out of a layer's CPU cache and compacting the kept rows back, at
     the engine benchmark's sizes (tiny model: 2 KV heads of 64, blocks of 128), both dtypes, both paths."""
-    from vllm.platforms import current_platform  # noqa: F401  (loads vLLM's CPU ops)
-
     from vllm_restkv.engine import kv_layout
     from vllm_restkv.models import TINY_SHAPE
 

@@ -48,7 +48,8 @@ def main() -> int:
     fig, ax = plt.subplots(figsize=(2.5 + 2 * len(bar_groups), 4))
     for i, policy in enumerate(policies):
         values = [ratios(cells).get(policy, 0.0) for _, cells in bar_groups]
-        bars = ax.bar([j + i * width for j in range(len(bar_groups))], values, width, label=policy)
+        label = f"none, {policy[5:]} KV blocks" if policy.startswith("none@") else policy  # bench_load's reference
+        bars = ax.bar([j + i * width for j in range(len(bar_groups))], values, width, label=label)
         ax.bar_label(bars, fmt="%.2fx", fontsize=7)
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(bar_groups))], [label for label, _ in bar_groups])

@@ -92,15 +92,17 @@ def accuracy_section(acc: dict, agg: list[dict]) -> list[str]:
     return lines
 
 
-def paired_kl_intervals(acc: dict, resamples: int = 2000, seed: int = 0) -> list[str]:
+def paired_kl_intervals(acc: dict | list[dict], resamples: int = 2000, seed: int = 0) -> list[str]:
     """Mean per-item KL difference restkv - baseline at each budget <= 512 with a 95% paired bootstrap interval
-    (same items, resampled together): whether a ranking between policies is more than the choice of items."""
+    (same items, resampled together): whether a ranking between policies is more than the choice of items. Several
+    runs (on different draws of the data set) are pooled: items are told apart by run."""
     import random
 
     per = {}
-    for r in acc.get("raw", []):
-        if "kl" in r:
-            per.setdefault((r["policy"], r["budget"]), {})[r["item"]] = r["kl"]
+    for run, result in enumerate(acc if isinstance(acc, list) else [acc]):
+        for r in result.get("raw", []):
+            if "kl" in r:
+                per.setdefault((r["policy"], r["budget"]), {})[(run, r["item"])] = r["kl"]
     if not per:
         return ["Per-item KL is not in this run's JSON (older bench_accuracy.py), so no intervals.", ""]
     rng = random.Random(seed)
@@ -153,7 +155,8 @@ def load_section(load: dict, none: dict) -> list[str]:
     servers = ("one real `vllm serve` for all policies, chosen per request (`none` = eviction off for that request)"
                if load.get("one_server") else "real `vllm serve` per policy")
     lines = [f"**Load test, {load['model']}{dtype_note(load)}** ({load['date']}; {servers} on 127.0.0.1, KV cache "
-             f"{load['kv_blocks']} blocks of {load['server'].get('block_size')} tokens for every server, prompts of "
+             f"{load['kv_blocks']} blocks of {load['server'].get('block_size')} tokens for every server"
+             f"{reference_note(load)}, prompts of "
              f"{load['prompt_tokens']} tokens, chunked prefill {load['chunk']}, max {load['max_num_seqs']} sequences, "
              f"{load['requests_per_cell']} requests per cell; {load['seconds'] / 60:.0f} min; peak memory is the summed PSS "
              f"of the server's processes). "
@@ -175,11 +178,26 @@ def load_section(load: dict, none: dict) -> list[str]:
     return lines
 
 
+def reference_note(load: dict) -> str:
+    """The one server with a different cache: bench_load's --reference-kv-blocks (vanilla vLLM given more memory)."""
+    blocks = load.get("reference_kv_blocks")
+    return f" except `none@{blocks}` (vanilla vLLM with {blocks} blocks)" if blocks else ""
+
+
 def load_findings(load: dict, none: dict) -> list[str]:
     """restkv vs none at about 8x compression (the issue's >= 3x target) and at no compression (<= 2% overhead)."""
     key = load["load"]
     out = []
     for c in load["cells"]:
+        if c["policy"].startswith("none@") and (c["max_tokens"], c[key]) in none:
+            base = none[(c["max_tokens"], c[key])]
+            peers = [p for p in load["cells"] if p["policy"] == "restkv" and p["budget"]
+                     and (p["max_tokens"], p[key]) == (c["max_tokens"], c[key])]
+            reached = "; restkv " + ", ".join(f"{p['req_s'] / c['req_s']:.0%} of it at budget {p['budget']}"
+                                              for p in peers) if peers else ""
+            out.append(f"- vanilla vLLM with {c['kv_blocks']} KV blocks instead of {load['kv_blocks']}, "
+                       f"max_tokens {c['max_tokens']}, {key} {c[key]:g}: {c['req_s'] / base['req_s']:.2f}x the "
+                       f"requests/s of `none`{reached}")
         if c["policy"] != "restkv" or not c["budget"] or (c["max_tokens"], c[key]) not in none:
             continue
         comp = c["mean_prompt_tokens"] / c["budget"]
@@ -259,7 +277,7 @@ def plots(acc: dict | None, agg: list[dict], loads: list[dict], eq: list[dict], 
         for ax, mt in zip(axes[0], max_tokens):
             level = max(c[key] for c in load["cells"] if c["max_tokens"] == mt)
             cells = [c for c in load["cells"] if c["max_tokens"] == mt and c[key] == level]
-            for policy in sorted({c["policy"] for c in cells if c["policy"] != "none"}):
+            for policy in sorted({c["policy"] for c in cells if c["budget"]}):
                 cs = sorted((c for c in cells if c["policy"] == policy),
                             key=lambda c: c["mean_prompt_tokens"] / c["budget"])
                 ax.plot([c["mean_prompt_tokens"] / c["budget"] for c in cs], [c["req_s"] for c in cs], marker="o",
@@ -267,6 +285,9 @@ def plots(acc: dict | None, agg: list[dict], loads: list[dict], eq: list[dict], 
             for c in cells:
                 if c["policy"] == "none":
                     ax.axhline(c["req_s"], color="black", linestyle="--", label="none (full cache)")
+                elif c["policy"].startswith("none@"):
+                    ax.axhline(c["req_s"], color="grey", linestyle=":",
+                               label=f"none with {c['kv_blocks']} blocks (more memory)")
             ax.set_xscale("log", base=2)
             ax.set_xlabel("compression (prompt tokens / budget)")
             ax.set_ylabel("requests/s")
@@ -307,11 +328,21 @@ def main(argv=None) -> int:
     p.add_argument("--accuracy", type=Path, default=None)
     p.add_argument("--load", type=Path, action="append", default=[])
     p.add_argument("--overhead", type=Path, action="append", default=[], help="loadtest/profile_overhead.py JSON")
-    p.add_argument("--markdown", type=Path, required=True)
-    p.add_argument("--plots", type=Path, required=True)
+    p.add_argument("--markdown", type=Path)
+    p.add_argument("--plots", type=Path)
+    p.add_argument("--pool-accuracy", type=Path, nargs="+", default=None, metavar="JSON",
+                   help="only print the paired KL intervals of these bench_accuracy.py runs pooled (different draws "
+                        "of the data set: more items, tighter intervals), then exit")
     p.add_argument("--agreement", type=float, default=0.95)
     p.add_argument("--preamble", default="", help="text placed first in the section (e.g. the machine)")
     args = p.parse_args(argv)
+    if args.pool_accuracy:
+        runs = [json.loads(f.read_text()) for f in args.pool_accuracy]
+        print(f"Pooled over {', '.join(str(f) for f in args.pool_accuracy)}:\n")
+        print("\n".join(paired_kl_intervals(runs)))
+        return 0
+    if args.markdown is None or args.plots is None:
+        p.error("--markdown and --plots are required (unless --pool-accuracy)")
     acc = json.loads(args.accuracy.read_text()) if args.accuracy else None
     loads = [json.loads(f.read_text()) for f in args.load]
     agg = aggregate(acc["rows"]) if acc else []

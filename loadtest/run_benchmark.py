@@ -33,7 +33,7 @@ PRESETS = {
             # every policy at 8x compression, with 1, 32 and 256 output tokens
             "tiny": ["--model", "tiny", "--policies", *LOAD_POLICIES, "--budgets", "256", "--kv-blocks", "64",
                      "--prompt-tokens", "2048", "--concurrency", "16", "--requests", "32", "--max-tokens", "1", "32",
-                     "256"],
+                     "256", "--reference-kv-blocks", "512"],  # and vanilla vLLM with 8x the memory
             # ReST-KV across compression ratios; budget 4096 > prompt: nothing evicted, the overhead point
             "tiny-compression": ["--model", "tiny", "--policies", "none", "restkv", "--budgets", "128", "512", "1024", "4096",
                                  "--kv-blocks", "64", "--prompt-tokens", "2048", "--concurrency", "16",
@@ -58,7 +58,7 @@ PRESETS = {
         "loads": {
             "tiny": ["--model", "tiny", "--policies", "none", "restkv", "--budgets", "128", "4096", "--kv-blocks", "12",
                      "--prompt-tokens", "512", "--prompts", "8", "--concurrency", "8", "--requests", "8",
-                     "--max-tokens", "8", "--chunk", "256"],
+                     "--max-tokens", "8", "--chunk", "256", "--reference-kv-blocks", "48"],
         },
         "overhead": {"args": ["--requests", "4", "--prompt-len", "400", "--max-tokens", "8", "--blocks", "40"],
                      "budgets": {"fits": 512, "captures": 404}},

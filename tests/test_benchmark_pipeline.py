@@ -82,8 +82,12 @@ def test_pipeline_ci_preset_end_to_end(tmp_path):
 
     load = json.loads((out / "load-tiny.json").read_text())
     cells = {(c["policy"], c["budget"]): c for c in load["cells"]}
-    assert set(cells) == {("none", None), ("restkv", 128), ("restkv", 4096)}
-    assert load["server"]["num_gpu_blocks"] == "12"
+    assert set(cells) == {("none", None), ("restkv", 128), ("restkv", 4096), ("none@48", None)}
+    assert load["server"]["num_gpu_blocks"] == "12" and load["reference_kv_blocks"] == 48
+    assert {c["kv_blocks"] for c in load["cells"]} == {12, 48}
+    # the reference server really has the larger cache: it runs more of the 8 requests at once than `none`
+    assert cells[("none@48", None)]["kv_blocks"] == 48
+    assert cells[("none@48", None)]["max_running"] > cells[("none", None)]["max_running"]
     for c in cells.values():
         assert c["requests"] == 8 and c["req_s"] > 0 and c["ttft_p50"] > 0 and c["tpot_p50"] > 0
         assert c["output_tok_s"] == pytest.approx(8 * c["req_s"], rel=0.01)  # ignore_eos: exactly 8 tokens each
@@ -103,9 +107,72 @@ def test_pipeline_ci_preset_end_to_end(tmp_path):
     assert "Overhead with nothing to evict, profiled" in text and "--budget 404" in text
     assert "<!-- BEGIN modthreads-benchmark -->" in text and "<!-- END modthreads-benchmark -->" in text
     assert "| restkv | 64 |" in text and "overhead" in text
+    assert "| none@48 |" in text and "vanilla vLLM with 48 KV blocks instead of 12" in text
     for name in ("accuracy.png", "throughput-tiny.png"):
         assert (out / name).stat().st_size > 10_000
     # the report is idempotent: a second run replaces its section instead of appending one
     subprocess.run([sys.executable, str(REPO / "loadtest" / "run_benchmark.py"), "--preset", "ci", "--out-dir",
                     str(out), "--markdown", str(markdown), "--stages", "report"], check=True, timeout=300)
     assert markdown.read_text().count("<!-- BEGIN modthreads-benchmark -->") == 1
+
+
+def test_paired_kl_intervals_pool_runs_without_mixing_their_items(tmp_path):
+    """Two draws of the data set reuse item ids; pooled, their items stay apart (counted twice, paired within a run)."""
+    sys.path.insert(0, str(REPO / "loadtest"))
+    import report
+
+    def run(restkv_kl: list[float], tova_kl: list[float]) -> dict:
+        raw = [{"policy": p, "budget": 256, "item": f"item-{i}", "kl": kl}
+               for p, kls in (("restkv", restkv_kl), ("tova", tova_kl)) for i, kl in enumerate(kls)]
+        return {"raw": raw}
+
+    # run a: restkv 0.1 closer on every item; run b: the same ids, restkv 0.3 further on every item
+    a, b = run([0.5, 0.6, 0.7], [0.6, 0.7, 0.8]), run([0.9, 1.0, 1.1], [0.6, 0.7, 0.8])
+    alone = [line for line in report.paired_kl_intervals(a) if "vs tova" in line]
+    assert len(alone) == 1 and "-0.1000" in alone[0] and "over 3 items: restkv closer" in alone[0]
+    pooled = [line for line in report.paired_kl_intervals([a, b]) if "vs tova" in line]
+    # mean of three -0.1 and three +0.3 differences: items of b are not paired with those of a
+    assert len(pooled) == 1 and "+0.1000" in pooled[0] and "over 6 items" in pooled[0]
+
+    files = []
+    for name, result in (("a", a), ("b", b)):
+        files.append(tmp_path / f"{name}.json")
+        files[-1].write_text(json.dumps(result))
+    proc = subprocess.run([sys.executable, str(REPO / "loadtest" / "report.py"), "--pool-accuracy", *map(str, files)],
+                          capture_output=True, text=True, timeout=120, check=True)
+    assert "budget 256, vs tova: +0.1000" in proc.stdout and "over 6 items" in proc.stdout
+    proc = subprocess.run([sys.executable, str(REPO / "loadtest" / "report.py")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "--markdown and --plots are required" in proc.stderr
+
+
+def test_accuracy_policy_config_refuses_what_it_cannot_set():
+    """--policy-config (ablations) takes eviction settings only: the policy and budget come from --policies and
+    --budgets, and a misspelt setting must stop the run before any engine starts, not be ignored."""
+    for config, bad in (('{"budget": 3}', "budget"), ('{"kernel_sise": 1}', "kernel_sise")):
+        proc = subprocess.run([sys.executable, str(REPO / "loadtest" / "bench_accuracy.py"), "--data", "unused",
+                               "--out", "unused.json", "--policy-config", config],
+                              capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 2 and f"--policy-config: {bad} cannot be set here" in proc.stderr
+        assert "kernel_size" in proc.stderr.split("allowed:")[1]
+
+
+def test_pair_ablation_pairs_same_items_and_refuses_other_data(tmp_path):
+    def result(sha: str, p_full: list[float], policy: str, kls: list[float]) -> dict:
+        return {"data": {"sha256": sha}, "items": [{"p_full": p} for p in p_full],
+                "rows": [{"policy": policy, "budget": 256, "length": None, "kl": sum(kls) / len(kls)}],
+                "raw": [{"policy": policy, "budget": 256, "item": i, "kl": kl} for i, kl in enumerate(kls)],
+                "policy_config": {"alpha": 1.0}}
+
+    base, ablation, other = tmp_path / "base.json", tmp_path / "abl.json", tmp_path / "other.json"
+    base.write_text(json.dumps(result("s", [0.1, 0.2], "tova", [0.5, 0.9])))
+    ablation.write_text(json.dumps(result("s", [0.1, 0.2], "restkv", [0.3, 0.7])))
+    other.write_text(json.dumps(result("t", [0.1, 0.2], "restkv", [0.3, 0.7])))
+    script = str(REPO / "loadtest" / "pair_ablation.py")
+    proc = subprocess.run([sys.executable, script, str(ablation), "--base", str(base)], capture_output=True,
+                          text=True, timeout=120, check=True)
+    assert "budget 256, vs tova: -0.2000 [-0.2000, -0.2000] over 2 items: restkv closer" in proc.stdout
+    assert "{'alpha': 1.0}" in proc.stdout
+    proc = subprocess.run([sys.executable, script, str(other), "--base", str(base)], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2 and "different data sets" in proc.stderr

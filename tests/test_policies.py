@@ -108,10 +108,10 @@ def brute_gqa(scores, Hkv, mode):
     for g in range(Hkv):
         for j in range(N):
             vals = []
-            for h in range(g * G, (g + 1) * G):
+            for h in (range(H) if mode == "layer" else range(g * G, (g + 1) * G)):
                 total = sum(float(x) for x in scores[h])
                 vals.append(float(scores[h, j]) if mode == "mean_raw" else float(scores[h, j]) / total)
-            out[g, j] = max(vals) if mode == "max" else sum(vals) / G
+            out[g, j] = max(vals) if mode == "max" else sum(vals) / len(vals)
     return out
 
 
@@ -296,10 +296,23 @@ def test_window_attention_against_brute_force():
 
 # ---------- GQA aggregation ----------
 
-@pytest.mark.parametrize("mode", ["mean", "max", "mean_raw"])
+@pytest.mark.parametrize("mode", ["mean", "max", "mean_raw", "layer"])
 def test_gqa_aggregation(mode):
     s = torch.rand(6, 10, dtype=F64)
     assert torch.allclose(scoring.gqa_aggregate(s, 2, mode), brute_gqa(s, 2, mode), atol=1e-15)
+
+
+def test_gqa_modes_are_the_configs():
+    from vllm_restkv.config import GQA_AGGREGATIONS
+
+    assert GQA_AGGREGATIONS == scoring.GQA_MODES
+
+
+def test_layer_aggregation_keeps_the_same_tokens_for_every_kv_head():
+    kv = random_kv(5)
+    kept = get_policy("restkv", window=8, gqa_agg="layer").select(kv, 20)
+    assert kept.shape == (2, 20) and torch.equal(kept[0], kept[1])
+    assert not torch.equal(*get_policy("restkv", window=8).select(kv, 20))  # per group, they differ here
 
 
 def test_gqa_unknown_mode():

@@ -129,7 +129,7 @@ class KVEvictionConfig:
             )
 
 
-GQA_AGGREGATIONS = ("mean", "max", "mean_raw")
+GQA_AGGREGATIONS = ("mean", "max", "mean_raw", "layer")  # vllm_restkv.scoring.GQA_MODES
 
 
 def _coerce(name: str, value: Any, kind: type) -> Any:

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-GQA_MODES = ("mean", "max", "mean_raw")
+GQA_MODES = ("mean", "max", "mean_raw", "layer")
 DISTANCE_CHUNK = 2048  # prefix tokens projected at once in "after" mode (a buffer of chunk * H * d floats) ...
 SCRATCH_ELEMENTS = 1 << 22  # ... at most this many floats per buffer (16 MiB in fp32; wide models take shorter chunks)
 BEFORE_CHUNK = 4096  # prefix keys projected at once in "before" mode (memory H * w * chunk * d)
@@ -262,9 +262,9 @@ def top_n_index_sums(x: torch.Tensor, n: int) -> torch.Tensor:
     """[..., L] -> [...] int64: the sum of the column indices of the n largest entries of each row (ties: any of
     the tied columns, as with topk)."""
     length = x.shape[-1]
-    if not _numpy_rows(x) or n >= length:
-        if n >= length:
-            return torch.full(x.shape[:-1], length * (length - 1) // 2, dtype=torch.long, device=x.device)
+    if n >= length:
+        return torch.full(x.shape[:-1], length * (length - 1) // 2, dtype=torch.long, device=x.device)
+    if not _numpy_rows(x):
         return x.topk(n, dim=-1, sorted=False).indices.sum(dim=-1)
     rows = x.detach().reshape(-1, length).numpy()
     sums = _map_row_blocks(lambda a: np.argpartition(a, length - n, axis=1)[:, length - n:].sum(axis=1), rows)
@@ -297,18 +297,22 @@ def adaptive_window_pool(scores: torch.Tensor, attn: torch.Tensor, budget_prefix
     replicate padding; k_h and m_h follow the drift of the top `budget_prefix` keys across the window attention
     attn [H, w, L] (section 4; oracle O4)."""
     ks, ms = aws_kernel_and_shift(drift_score(attn, budget_prefix), beta, k_min)
-    out = torch.empty_like(scores)
     heads_by_shape: dict[tuple[int, int], list[int]] = {}
     for h, shape in enumerate(zip(ks, ms)):
         heads_by_shape.setdefault(shape, []).append(h)
     if len(heads_by_shape) == 1:  # the usual case: k = k_min and the same m for every head
         (k, m), = heads_by_shape
-        return box_mean(F.pad(scores[:, None], (k // 2 - m, k // 2 + m), mode="replicate")[:, 0], k)
+        return _shifted_box(scores, k, m)
+    out = torch.empty_like(scores)
     for (k, m), heads in heads_by_shape.items():
         index = torch.tensor(heads, device=scores.device)
-        padded = F.pad(scores[index][:, None], (k // 2 - m, k // 2 + m), mode="replicate")
-        out[index] = box_mean(padded[:, 0], k)
+        out[index] = _shifted_box(scores[index], k, m)
     return out
+
+
+def _shifted_box(scores: torch.Tensor, k: int, m: int) -> torch.Tensor:
+    """[N, P] -> [N, P]: the mean of the k entries centred on j + m, with replicate padding."""
+    return box_mean(F.pad(scores[:, None], (k // 2 - m, k // 2 + m), mode="replicate")[:, 0], k)
 
 
 def avg_pool_zero_pad(scores: torch.Tensor, k: int = 5) -> torch.Tensor:
@@ -326,12 +330,15 @@ def gqa_aggregate(scores: torch.Tensor, num_kv_heads: int, mode: str = "mean") -
     """[H, N] per query head -> [H_kv, N] per KV head, over the G query heads of each group.
 
     mean: normalise each head to sum 1 (odds ratio x W_o-norm scales differ a lot between heads), then average;
-    max: normalise, then take the maximum; mean_raw: plain average.
+    max: normalise, then take the maximum; mean_raw: plain average; layer: normalise, then average over all H heads
+    of the layer, so every KV head keeps the same tokens (TOVA's rule, and an ablation of ReST-KV's per-group one).
     """
     if mode not in GQA_MODES:
         raise ValueError(f"unknown GQA aggregation {mode!r}; allowed: {', '.join(GQA_MODES)}")
     h, n = scores.shape
     if mode != "mean_raw":
         scores = scores / scores.sum(dim=1, keepdim=True).clamp_min(torch.finfo(scores.dtype).tiny)
+    if mode == "layer":
+        return scores.mean(dim=0, keepdim=True).expand(num_kv_heads, n)
     grouped = scores.reshape(num_kv_heads, h // num_kv_heads, n)
     return grouped.amax(dim=1) if mode == "max" else grouped.mean(dim=1)

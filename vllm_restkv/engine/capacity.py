@@ -83,7 +83,12 @@ def kv_capacity_tokens(vllm_config: Any) -> int | None:
         return None
     # the client sums the blocks of all data-parallel engines; one block per engine is vLLM's null block
     engines = max(int(getattr(vllm_config.parallel_config, "data_parallel_size", 1) or 1), 1)
-    return (blocks // engines - 1) * int(vllm_config.cache_config.block_size)
+    return usable_tokens(blocks // engines, int(vllm_config.cache_config.block_size))
+
+
+def usable_tokens(num_blocks: int, block_size: int) -> int:
+    """Tokens a KV cache of num_blocks blocks holds for requests: one block is vLLM's null block."""
+    return (num_blocks - 1) * block_size
 
 
 def check_request_fits(vllm_config: Any, server: KVEvictionConfig, policy: str, budget: int,

@@ -119,13 +119,13 @@ class SchedulerEviction:
         before the engine reported its cache). Raised in EngineCore.preprocess_add_request, vLLM answers the
         request with an error (or `generate` raises, in-process) and nothing else is touched."""
         from vllm_restkv.config import REQUEST_KEYS
-        from vllm_restkv.engine.capacity import check_request_fits
+        from vllm_restkv.engine.capacity import check_request_fits, usable_tokens
 
         extra = getattr(request.sampling_params, "extra_args", None) or {}
         if not any(key in extra for key in REQUEST_KEYS):
             return  # the server's own settings: checked at start-up
         policy, budget = request_overrides(request.sampling_params, self.config)
-        capacity = (self.block_pool.num_gpu_blocks - 1) * self.scheduler.block_size  # one block is vLLM's null block
+        capacity = usable_tokens(self.block_pool.num_gpu_blocks, self.scheduler.block_size)
         try:
             check_request_fits(self.scheduler.vllm_config, self.config, policy, budget, capacity=capacity)
         except KVEvictionConfigError as e:
