@@ -23,6 +23,7 @@ Measured per policy x budget x length, against the full cache:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import statistics
@@ -96,13 +97,18 @@ def main() -> int:
                    help='more --kv-eviction-config settings for every policy run, e.g. \'{"kernel_size": 1}\' (ablations; '
                         "recorded in the result)")
     args = p.parse_args()
-    from vllm_restkv.config import KVEvictionConfig
+    from vllm_restkv.config import KVEvictionConfig, KVEvictionConfigError
 
-    settings = set(args.policy_config)  # policy and budget come from --policies and --budgets
-    unknown = (settings - set(KVEvictionConfig.field_names())) | (settings & {"policy", "budget"})
-    if unknown:
-        p.error(f"--policy-config: {', '.join(sorted(unknown))} cannot be set here; allowed: "
-                f"{', '.join(n for n in KVEvictionConfig.field_names() if n not in ('policy', 'budget'))}")
+    if not isinstance(args.policy_config, dict):
+        p.error(f"--policy-config must be a JSON object of settings, got {args.policy_config!r}")
+    fixed = sorted(set(args.policy_config) & {"policy", "budget"})  # they come from --policies and --budgets
+    if fixed:
+        p.error(f"--policy-config: {', '.join(fixed)} cannot be set here (use --policies and --budgets)")
+    for policy, budget in itertools.product(args.policies, {min(args.budgets), max(args.budgets)}):
+        try:  # every value checked now, not when that policy's engine starts minutes later
+            KVEvictionConfig.from_value({**args.policy_config, "policy": policy, "budget": budget})
+        except KVEvictionConfigError as e:
+            p.error(f"--policy-config: {e}")
     result = measure(args)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")

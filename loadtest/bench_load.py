@@ -43,6 +43,10 @@ from tests.conftest import running_server, server_env  # noqa: E402
 from vllm_restkv.cpu import DTYPE_HELP, default_serving_dtype  # noqa: E402
 
 PLUGINS = "restkv,restkv_metrics"
+# What a cell's peak_memory_gib is. Results before 2026-12-03 have no memory_measure: theirs was the summed PSS,
+# polled during the cell, which stalled the server (see tree_pss).
+MEMORY_MEASURE = ("peak summed RSS of the server's processes, polled during the cell (PSS, which "
+                  "splits shared pages, is read after each cell: pss_after_gib)")
 
 
 def log(msg: str) -> None:
@@ -86,16 +90,34 @@ def pss_by_process(pid: int) -> dict[str, int]:
 
 
 def tree_pss(pid: int) -> int:
-    """Proportional set size of the server's whole process tree."""
+    """Proportional set size of the server's whole process tree. Slow (walks every page table) and it stalls the
+    server while it runs (0.3-1 s under load here: streamed tokens bunched up), so never while a cell is timed."""
     return sum(pss_by_process(pid).values())
 
 
-class Sampler:
-    """Polls /metrics and the server's memory while a cell runs."""
+def tree_rss(pid: int) -> int:
+    """Resident set size summed over the server's process tree (shared pages once per process): read from
+    counters, cheap enough to poll while a cell runs."""
+    import psutil
 
-    def __init__(self, url: str, pid: int):
-        self.url, self.pid = url, pid
-        self.running, self.waiting, self.kv, self.mem = [], [], [], []
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    total = 0
+    for p in procs:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += p.memory_info().rss
+    return total
+
+
+class Sampler:
+    """Polls /metrics and the server's resident memory while a cell runs."""
+
+    def __init__(self, url: str, pid: int, interval: float):
+        self.url, self.pid, self.interval = url, pid, interval
+        self.running, self.waiting, self.kv, self.mem, self.errors = [], [], [], [], []
 
     async def run(self, client: httpx.AsyncClient, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -104,11 +126,11 @@ class Sampler:
                 self.running.append(metric(text, "vllm:num_requests_running"))
                 self.waiting.append(metric(text, "vllm:num_requests_waiting"))
                 self.kv.append(metric(text, "vllm:kv_cache_usage_perc"))
-            except httpx.HTTPError:
-                pass
-            self.mem.append(await asyncio.to_thread(tree_pss, self.pid))
+            except httpx.HTTPError as e:
+                self.errors.append(repr(e))
+            self.mem.append(tree_rss(self.pid))
             try:
-                await asyncio.wait_for(stop.wait(), 0.25)
+                await asyncio.wait_for(stop.wait(), self.interval)
             except asyncio.TimeoutError:
                 pass
 
@@ -144,11 +166,11 @@ async def one_request(client: httpx.AsyncClient, url: str, prompt: str, max_toke
 
 
 async def run_cell(url: str, pid: int, prompts: list[str], n: int, concurrency: int, rate: float | None,
-                   max_tokens: int, xargs: dict | None) -> dict:
+                   max_tokens: int, xargs: dict | None, poll_interval: float = 0.25) -> dict:
     limits = httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency + 4)
     async with httpx.AsyncClient(limits=limits) as client:
         before = (await client.get(url + "/metrics")).text
-        sampler, stop = Sampler(url, pid), asyncio.Event()
+        sampler, stop = Sampler(url, pid, poll_interval), asyncio.Event()
         sampling = asyncio.create_task(sampler.run(client, stop))
         queue = list(range(n))
         results = []
@@ -174,6 +196,7 @@ async def run_cell(url: str, pid: int, prompts: list[str], n: int, concurrency: 
             wall = time.perf_counter() - started
             stop.set()
             await sampling
+        pss = await asyncio.to_thread(tree_pss, pid)  # after the timed part: reading PSS stalls the server
         after = (await client.get(url + "/metrics")).text
     ttft = [r["ttft"] for r in results]
     tpot = [r["tpot"] for r in results if r["tpot"] is not None]
@@ -185,12 +208,14 @@ async def run_cell(url: str, pid: int, prompts: list[str], n: int, concurrency: 
         **{f"ttft_p{q}": percentile(ttft, q / 100) for q in (50, 90, 99)},
         **{f"tpot_p{q}": percentile(tpot, q / 100) for q in (50, 90, 99)},
         "max_running": max(sampler.running or [0]), "mean_running": statistics.mean(sampler.running or [0]),
+        "metrics_polls": len(sampler.running), "metrics_poll_errors": len(sampler.errors),
         "max_waiting": max(sampler.waiting or [0]),
         "mean_kv_usage": statistics.mean(sampler.kv or [0]), "max_kv_usage": max(sampler.kv or [0]),
         "preemptions": metric(after, "vllm:num_preemptions_total") - metric(before, "vllm:num_preemptions_total"),
         "evicted_tokens": metric(after, "restkv_evicted_tokens_total")
         - metric(before, "restkv_evicted_tokens_total"),
-        "peak_memory_gib": max(sampler.mem or [0]) / 2**30,
+        "peak_memory_gib": max(sampler.mem or [0]) / 2**30,  # peak summed RSS (see memory_measure)
+        "pss_after_gib": pss / 2**30,
         # the engine's own timing of eviction (restkv_*_duration_seconds), to attribute throughput differences
         **{f"{part}_seconds": metric(after, f"restkv_{part}_duration_seconds_sum")
            - metric(before, f"restkv_{part}_duration_seconds_sum") for part in ("scoring", "compaction")},
@@ -244,9 +269,14 @@ def main() -> int:
     p.add_argument("--one-server", action="store_true",
                    help="one server (eviction on) for all policies, chosen per request through vllm_xargs: saves "
                         "start-ups on a GPU; `none` then means eviction off for that request, not vanilla vLLM")
+    p.add_argument("--poll-interval", type=float, default=0.25, metavar="S",
+                   help="seconds between polls of /metrics and memory during a cell (each poll costs the API server "
+                        "~10 ms of CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
+    if args.poll_interval <= 0:
+        p.error(f"--poll-interval must be > 0 seconds, got {args.poll_interval}")
     if args.reference_kv_blocks is not None and args.reference_kv_blocks <= args.kv_blocks:
         p.error(f"--reference-kv-blocks ({args.reference_kv_blocks}) must be larger than --kv-blocks ({args.kv_blocks})")
     result = measure(args)
@@ -302,7 +332,7 @@ def measure(args) -> dict:
                             cell = asyncio.run(run_cell(
                                 server.url, server.proc.pid, prompts, args.requests,
                                 level if kind == "concurrency" else 10_000, level if kind == "rate" else None,
-                                max_tokens, xargs))
+                                max_tokens, xargs, args.poll_interval))
                             cell.update({"policy": reference_name(policy, kv_blocks), "budget": budget,
                                          "max_tokens": max_tokens, kind: level,
                                          "kv_blocks": kv_blocks or args.kv_blocks})
@@ -316,7 +346,7 @@ def measure(args) -> dict:
             "kv_blocks": args.kv_blocks, "reference_kv_blocks": args.reference_kv_blocks, "dtype": args.dtype,
             "server": server_info, "chunk": args.chunk, "max_num_seqs": args.max_num_seqs,
             "prompt_tokens": args.prompt_tokens, "requests_per_cell": args.requests, "load": loads[0][0],
-            "one_server": args.one_server,
+            "one_server": args.one_server, "memory_measure": MEMORY_MEASURE, "poll_interval": args.poll_interval,
             "seconds": time.time() - started, "cells": cells, "refused": refused}
 
 

@@ -158,8 +158,8 @@ def load_section(load: dict, none: dict) -> list[str]:
              f"{load['kv_blocks']} blocks of {load['server'].get('block_size')} tokens for every server"
              f"{reference_note(load)}, prompts of "
              f"{load['prompt_tokens']} tokens, chunked prefill {load['chunk']}, max {load['max_num_seqs']} sequences, "
-             f"{load['requests_per_cell']} requests per cell; {load['seconds'] / 60:.0f} min; peak memory is the summed PSS "
-             f"of the server's processes). "
+             f"{load['requests_per_cell']} requests per cell; {load['seconds'] / 60:.0f} min; peak memory is the "
+             f"{load.get('memory_measure', 'summed PSS of the server processes, polled during the cell')}). "
              f"Command: `{load['command']}`", "",
              f"| policy | budget | compression | max_tokens | {key} | req/s | vs none | out tok/s | total tok/s | "
              "TTFT p50/p90/p99 (s) | TPOT p50/p99 (ms) | max running | peak KV | preempt. | peak mem (GiB) |",

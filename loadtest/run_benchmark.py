@@ -58,7 +58,8 @@ PRESETS = {
         "loads": {
             "tiny": ["--model", "tiny", "--policies", "none", "restkv", "--budgets", "128", "4096", "--kv-blocks", "12",
                      "--prompt-tokens", "512", "--prompts", "8", "--concurrency", "8", "--requests", "8",
-                     "--max-tokens", "8", "--chunk", "256", "--reference-kv-blocks", "48"],
+                     "--max-tokens", "64", "--chunk", "256", "--reference-kv-blocks", "48",
+                     "--poll-interval", "0.1"],
         },
         "overhead": {"args": ["--requests", "4", "--prompt-len", "400", "--max-tokens", "8", "--blocks", "40"],
                      "budgets": {"fits": 512, "captures": 404}},
