@@ -14,7 +14,8 @@ requests in flight, or with `--rate`, requests arrive as a Poisson process.
 
 Per cell (policy x budget x max_tokens x concurrency): requests/s, output and total tokens/s, TTFT and TPOT
 percentiles, the most requests running at once and the mean/peak KV-cache usage (from vLLM's own /metrics, polled
-every 0.25 s), preemptions, and the server's peak memory (PSS of the whole process tree).
+every --poll-interval s), preemptions, and the server's memory (peak RSS of the whole process tree, polled; its PSS
+read after the cell, since reading PSS stalls the server).
 
 `--reference-kv-blocks N` adds one more vanilla server (`none`) with N blocks instead of `--kv-blocks`, reported as
 policy `none@N`: what buying that much more memory would give at the same load, the ceiling an eviction policy is
