@@ -9,7 +9,8 @@ SmolLM2-135M's shapes, random weights, sdpa: norms, QKV/O projections, RoPE, att
 in fp32 and the faster of the two counts (the smaller denominator: CPUs without native bf16 run bf16 matmuls several
 times slower than fp32 ones); the table names the dtype that won. Scoring is per layer and per request, on the torch
 path, timed through `policy.select` as the engine calls it (scores, smoothing, GQA aggregation and top-k). `--quick` runs small
-sizes once, as a smoke test; `--engine-sizes` times every policy's select at the load test's sizes instead, and
+sizes once, as a smoke test. ReST-KV runs twice: with its default projection_dtype ("auto": the W_o projection in
+bfloat16 on a CPU with native bf16) and with it in float32; `--engine-sizes` times every policy's select at the load test's sizes instead, and
 `--layout` reading and compacting the CPU KV cache.
 """
 
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from vllm_restkv.policies import LayerKV, get_policy
-from vllm_restkv.scoring import wo_factors
+from vllm_restkv.scoring import projection_matmul_dtype, wo_factors
 
 H, H_KV, D_HEAD, D_MODEL, D_MLP, WINDOW = 9, 3, 64, 576, 1536, 32
 
@@ -108,6 +109,8 @@ def main() -> None:
     weight = torch.randn(D_MODEL, H * D_HEAD) / D_MODEL**0.5
     factor = wo_factors(weight, H)
     restkv, snapkv = get_policy("restkv", window=WINDOW), get_policy("snapkv", window=WINDOW)
+    restkv_fp32 = get_policy("restkv", window=WINDOW, projection_dtype="float32")
+    projection = str(projection_matmul_dtype("auto", torch.zeros(1))).removeprefix("torch.")
     layers = {dtype: decoder_layer(dtype) for dtype in DTYPES}
     rows = []
     for i, L in enumerate(args.lengths):
@@ -118,17 +121,20 @@ def main() -> None:
         kv = LayerKV(query=q, key=k, value=v, positions=torch.arange(L).expand(H_KV, L), o_proj_weight=weight,
                      wo_factor=factor)
         t_rest = timed(lambda: restkv.select(kv, args.budget), args.repeats)
+        t_rest32 = timed(lambda: restkv_fp32.select(kv, args.budget), args.repeats)
         t_snap = timed(lambda: snapkv.select(kv, args.budget), args.repeats)
         t_attn = fastest({dtype: attention_prefill(k, v, dtype) for dtype in DTYPES})
         t_layer = fastest({dtype: layer_prefill(*layers[dtype], L) for dtype in DTYPES})
-        rows.append((L, t_rest, t_snap, t_attn, t_layer))
-    print("| L | ReST-KV select (ms) | SnapKV select (ms) | ReST-KV / SnapKV | one layer attention (ms) "
-          "| ReST-KV / attention | one whole layer (ms) | ReST-KV / layer |")
-    print("|---|---|---|---|---|---|---|---|")
-    for L, r, s, (a, a_dtype), (y, y_dtype) in rows:
-        print(f"| {L} | {r * 1e3:.1f} | {s * 1e3:.1f} | {r / s:.2f}x | {a * 1e3:.1f} {a_dtype} | {100 * r / a:.1f}% "
-              f"| {y * 1e3:.1f} {y_dtype} | {100 * r / y:.1f}% |")
-    print(f"\ncommand: {' '.join(sys.argv)}; torch {torch.__version__}, threads {torch.get_num_threads()}")
+        rows.append((L, t_rest, t_rest32, t_snap, t_attn, t_layer))
+    print(f"| L | ReST-KV select (ms), {projection} projection | same, float32 projection | SnapKV select (ms) "
+          "| ReST-KV / SnapKV (float32 projection) | one layer attention (ms) | ReST-KV / attention "
+          "| one whole layer (ms) | ReST-KV / layer |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for L, r, r32, s, (a, a_dtype), (y, y_dtype) in rows:
+        print(f"| {L} | {r * 1e3:.1f} | {r32 * 1e3:.1f} | {s * 1e3:.1f} | {r / s:.2f}x ({r32 / s:.2f}x) "
+              f"| {a * 1e3:.1f} {a_dtype} | {100 * r / a:.1f}% | {y * 1e3:.1f} {y_dtype} | {100 * r / y:.1f}% |")
+    print(f"\ncommand: {' '.join(sys.argv)}; torch {torch.__version__}, threads {torch.get_num_threads()}; "
+          f"ReST-KV's projection_dtype auto = {projection} on this machine")
 
 
 def engine_sizes(length: int = 768, budget: int = 256, calls: int = 200) -> None:
@@ -146,14 +152,18 @@ def engine_sizes(length: int = 768, budget: int = 256, calls: int = 200) -> None
                  wo_factor=wo_factors(weight, h))
     print(f"| policy | select (ms), {h} query / {h_kv} KV heads, L={length}, budget {budget}, 1 thread |")
     print("|---|---|")
-    for name in ("restkv", "snapkv", "h2o", "tova", "streamingllm"):
-        policy = get_policy(name, window=WINDOW)
+    projection = str(projection_matmul_dtype("auto", kv.key)).removeprefix("torch.")
+    runs = [("restkv", {}), ("restkv", {"projection_dtype": "float32"})]
+    runs += [(name, {}) for name in ("snapkv", "h2o", "tova", "streamingllm")]
+    for name, settings in runs:
+        policy = get_policy(name, window=WINDOW, **settings)
+        label = name if name != "restkv" else f"restkv ({settings.get('projection_dtype', projection)} projection)"
         for _ in range(20):
             policy.select(kv, budget)
         t0 = time.perf_counter()
         for _ in range(calls):
             policy.select(kv, budget)
-        print(f"| {name} | {(time.perf_counter() - t0) / calls * 1e3:.2f} |")
+        print(f"| {label} | {(time.perf_counter() - t0) / calls * 1e3:.2f} |")
     print(f"\ncommand: {' '.join(sys.argv)}; torch {torch.__version__}")
 
 

@@ -5,6 +5,8 @@ deterministic between the runs).
 
     .venv/bin/python loadtest/pair_ablation.py docs/bench/accuracy-s2-k1.json --base docs/bench/accuracy-s2.json \
         --baseline tova
+    .venv/bin/python loadtest/pair_ablation.py docs/bench/accuracy-s2-proj-bfloat16.json \
+        --base docs/bench/accuracy-s2-proj-float32.json --baseline restkv
 """
 
 from __future__ import annotations
@@ -22,7 +24,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("ablation", type=Path, help="bench_accuracy.py JSON of the restkv ablation")
     p.add_argument("--base", type=Path, required=True, help="bench_accuracy.py JSON with the baseline's rows")
-    p.add_argument("--baseline", default="tova")
+    p.add_argument("--baseline", default="tova",
+                   help="the base run's policy to pair with; restkv pairs restkv with itself under the base run's settings")
     args = p.parse_args()
     base, ablation = json.loads(args.base.read_text()), json.loads(args.ablation.read_text())
     if base["data"]["sha256"] != ablation["data"]["sha256"]:
@@ -34,9 +37,13 @@ def main() -> int:
     for row in ablation["rows"]:
         if row["policy"] == "restkv":
             print(f"- restkv, budget {row['budget']}, length {row['length']}: KL {row['kl']:.4f}")
-    merged = {"raw": [r for r in base["raw"] if r["policy"] == args.baseline]
-              + [r for r in ablation["raw"] if r["policy"] == "restkv"]}
-    print("\n" + "\n".join(report.paired_kl_intervals(merged)))
+    baseline = args.baseline
+    base_rows = [r for r in base["raw"] if r["policy"] == baseline]
+    if baseline == "restkv":  # restkv with other settings (the base run's): pair the two restkv runs
+        baseline = "restkv (base run)"
+        base_rows = [{**r, "policy": baseline} for r in base_rows]
+    merged = {"raw": base_rows + [r for r in ablation["raw"] if r["policy"] == "restkv"]}
+    print("\n" + "\n".join(report.paired_kl_intervals(merged, baselines=(baseline,))))
     return 0
 
 

@@ -92,7 +92,8 @@ def accuracy_section(acc: dict, agg: list[dict]) -> list[str]:
     return lines
 
 
-def paired_kl_intervals(acc: dict | list[dict], resamples: int = 2000, seed: int = 0) -> list[str]:
+def paired_kl_intervals(acc: dict | list[dict], resamples: int = 2000, seed: int = 0,
+                        baselines: tuple[str, ...] = BASELINES) -> list[str]:
     """Mean per-item KL difference restkv - baseline at each budget <= 512 with a 95% paired bootstrap interval
     (same items, resampled together): whether a ranking between policies is more than the choice of items. Several
     runs (on different draws of the data set) are pooled: items are told apart by run."""
@@ -110,7 +111,7 @@ def paired_kl_intervals(acc: dict | list[dict], resamples: int = 2000, seed: int
            "the full cache; an interval across 0 does not separate them):", ""]
     for (policy, budget), baseline in sorted(per.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         mine = per.get(("restkv", budget))
-        if policy not in BASELINES or budget > 512 or not mine:
+        if policy not in baselines or budget > 512 or not mine:
             continue
         diffs = [mine[i] - baseline[i] for i in sorted(set(mine) & set(baseline))]
         means = sorted(sum(rng.choices(diffs, k=len(diffs))) / len(diffs) for _ in range(resamples))
@@ -184,12 +185,17 @@ def reference_note(load: dict) -> str:
     return f" except `none@{blocks}` (vanilla vLLM with {blocks} blocks)" if blocks else ""
 
 
+def is_reference_server(cell: dict, load: dict) -> bool:
+    """A cell of the reference server (--reference-kv-blocks): a cache other than the run's."""
+    return cell.get("kv_blocks") not in (None, load["kv_blocks"])
+
+
 def load_findings(load: dict, none: dict) -> list[str]:
     """restkv vs none at about 8x compression (the issue's >= 3x target) and at no compression (<= 2% overhead)."""
     key = load["load"]
     out = []
     for c in load["cells"]:
-        if c["policy"].startswith("none@") and (c["max_tokens"], c[key]) in none:
+        if is_reference_server(c, load) and (c["max_tokens"], c[key]) in none:
             base = none[(c["max_tokens"], c[key])]
             peers = [p for p in load["cells"] if p["policy"] == "restkv" and p["budget"]
                      and (p["max_tokens"], p[key]) == (c["max_tokens"], c[key])]
@@ -285,7 +291,7 @@ def plots(acc: dict | None, agg: list[dict], loads: list[dict], eq: list[dict], 
             for c in cells:
                 if c["policy"] == "none":
                     ax.axhline(c["req_s"], color="black", linestyle="--", label="none (full cache)")
-                elif c["policy"].startswith("none@"):
+                elif is_reference_server(c, load):
                     ax.axhline(c["req_s"], color="grey", linestyle=":",
                                label=f"none with {c['kv_blocks']} blocks (more memory)")
             ax.set_xscale("log", base=2)

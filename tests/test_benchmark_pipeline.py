@@ -189,3 +189,8 @@ def test_pair_ablation_pairs_same_items_and_refuses_other_data(tmp_path):
     proc = subprocess.run([sys.executable, script, str(other), "--base", str(base)], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and "different data sets" in proc.stderr
+    base_restkv = tmp_path / "base-restkv.json"  # restkv under other settings: paired with itself
+    base_restkv.write_text(json.dumps(result("s", [0.1, 0.2], "restkv", [0.2, 0.9])))
+    proc = subprocess.run([sys.executable, script, str(ablation), "--base", str(base_restkv), "--baseline", "restkv"],
+                          capture_output=True, text=True, timeout=120, check=True)
+    assert "budget 256, vs restkv (base run): -0.0500 [-0.2000, +0.1000] over 2 items: not separated" in proc.stdout

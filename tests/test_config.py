@@ -49,6 +49,7 @@ def test_full_settings_roundtrip():
         ({"policy": "restkv", "alpha": 0}, "alpha must be in (0, 1]"),
         ({"policy": "restkv", "kernel_size": 4}, "kernel_size must be an odd integer"),
         ({"policy": "restkv", "gqa_agg": "median"}, "unknown gqa_agg 'median'"),
+        ({"policy": "restkv", "projection_dtype": "fp16"}, "unknown projection_dtype 'fp16'; allowed: auto, float32"),
         ({"policy": "restkv", "budgt": 64}, "unknown setting(s) ['budgt']"),
         ("{not json", "invalid JSON"),
         (42, "must be a policy name or a mapping"),

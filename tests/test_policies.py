@@ -282,6 +282,70 @@ def test_projected_distance_reuses_its_buffers_safely(monkeypatch):
         assert torch.equal(kept, got)
 
 
+def explicit_distance(W, value, center, heads):
+    group = heads // value.shape[0]
+    d = value.shape[-1]
+    return torch.stack([(W[:, h * d:(h + 1) * d] @ (center[h][:, None] - value[h // group].T)).norm(dim=0)
+                        for h in range(heads)])
+
+
+def test_projected_distance_with_a_bf16_matmul_is_within_bf16_rounding():
+    """The difference is taken in fp32 and only then rounded to bf16: per token the error stays at bf16's ~0.4%
+    relative, also for a sink whose o_bar nearly equals its value (projecting first would cancel there)."""
+    g = torch.Generator().manual_seed(15)
+    W = torch.randn(48, 6 * 16, generator=g, dtype=F64)
+    value = torch.randn(2, 300, 16, generator=g, dtype=F64)
+    center = torch.randn(6, 16, generator=g, dtype=F64)
+    center[0] = value[0, 7] + 1e-2 * torch.randn(16, generator=g, dtype=F64)  # a sink: o_bar ~ v_7
+    explicit = explicit_distance(W, value, center, 6)
+    R32 = scoring.wo_factors(W.float(), 6)
+    got = scoring.projected_distance(value.float(), center.float(), R32, matmul_dtype=torch.bfloat16)
+    assert got.dtype == torch.float32 and rel_err(got, explicit) < 2e-2
+    assert rel_err(got[0, 7:8], explicit[0, 7:8]) < 2e-2  # the sink
+    exact32 = scoring.projected_distance(value.float(), center.float(), R32)
+    assert rel_err(exact32, explicit) < 1e-4 < rel_err(got, explicit)  # bf16 really ran, fp32 stays exact
+    x = (center[:, None, None, :] - value.repeat_interleave(3, 0)[:, None, :3]).float()  # "before" mode's form
+    assert rel_err(scoring.projected_norm(x, R32, torch.bfloat16), explicit[:, None, :3]) < 2e-2
+
+
+def test_projection_matmul_dtype_rule(monkeypatch):
+    from vllm_restkv import cpu
+
+    x32, x64 = torch.zeros(1), torch.zeros(1, dtype=F64)
+    for native, auto in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(cpu, "native_bf16", lambda native=native: native)
+        assert scoring.projection_matmul_dtype("auto", x32) == auto
+    assert scoring.projection_matmul_dtype("float32", x32) == torch.float32
+    assert scoring.projection_matmul_dtype("bfloat16", x32) == torch.bfloat16
+    for setting in scoring.PROJECTION_DTYPES:  # the tests' float64 reference is never rounded
+        assert scoring.projection_matmul_dtype(setting, x64) == F64
+    with pytest.raises(ValueError, match="unknown projection_dtype 'half'; allowed: auto, float32, bfloat16"):
+        scoring.projection_matmul_dtype("half", x32)
+    with pytest.raises(ValueError, match="unknown projection_dtype 'fp8'"):
+        get_policy("restkv", projection_dtype="fp8")
+
+
+def test_projection_dtypes_are_the_configs():
+    from vllm_restkv.config import PROJECTION_DTYPES
+
+    assert PROJECTION_DTYPES == scoring.PROJECTION_DTYPES
+
+
+@pytest.mark.parametrize("mode", ["after", "before"])
+def test_restkv_bf16_projection_scores_close_and_float64_untouched(mode):
+    """A bf16 projection moves the policy's scores by bf16 rounding only, and leaves float64 inputs exact."""
+    kv32 = random_kv(16, L=96, w=8)
+    scores = {dt: get_policy("restkv", window=8, mode=mode, projection_dtype=dt).score(kv32, budget=40)
+              for dt in ("float32", "bfloat16")}
+    prefix = slice(0, 96 - 8)
+    assert rel_err(scores["bfloat16"][:, prefix], scores["float32"][:, prefix].double()) < 3e-2
+    assert not torch.equal(scores["bfloat16"], scores["float32"])
+    kv64 = random_kv(16, L=96, w=8, dtype=F64)
+    exact = [get_policy("restkv", window=8, mode=mode, projection_dtype=dt).score(kv64, budget=40)
+             for dt in ("float32", "bfloat16")]
+    assert torch.equal(exact[0], exact[1])
+
+
 def test_window_attention_against_brute_force():
     q, k, _, _ = random_case(12, L=20, w=5)
     assert torch.allclose(scoring.window_attention(q, k), brute_attention(q, k), atol=1e-14)

@@ -44,6 +44,9 @@ class KVEvictionConfig:
     beta: float = 2000.0
     kernel_size: int = 5
     gqa_agg: str = "mean"
+    # ReST-KV's W_o projection matmul: auto (bfloat16 on a GPU or a CPU with native bf16, else float32), float32,
+    # bfloat16 (vllm_restkv.scoring.projection_matmul_dtype).
+    projection_dtype: str = "auto"
     # Whether requests may override policy settings through `vllm_xargs` (budget, or turning eviction off).
     allow_request_override: bool = True
 
@@ -127,9 +130,15 @@ class KVEvictionConfig:
             raise KVEvictionConfigError(
                 f"kv_eviction: unknown gqa_agg {self.gqa_agg!r}; allowed: {', '.join(GQA_AGGREGATIONS)}"
             )
+        if self.projection_dtype not in PROJECTION_DTYPES:
+            raise KVEvictionConfigError(
+                f"kv_eviction: unknown projection_dtype {self.projection_dtype!r}; "
+                f"allowed: {', '.join(PROJECTION_DTYPES)}"
+            )
 
 
 GQA_AGGREGATIONS = ("mean", "max", "mean_raw", "layer")  # vllm_restkv.scoring.GQA_MODES
+PROJECTION_DTYPES = ("auto", "float32", "bfloat16")  # vllm_restkv.scoring.PROJECTION_DTYPES
 
 
 def _coerce(name: str, value: Any, kind: type) -> Any:

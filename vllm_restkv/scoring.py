@@ -3,7 +3,8 @@
 Shapes: H query heads, H_kv KV heads (query head h reads KV head h // (H / H_kv)), d head size, D hidden size,
 L cached tokens, w observation-window queries (the newest w positions), P = L - w prefix tokens.
 Everything is computed in float32 whatever the input dtype (the official code's bf16 odds ratio has about three
-significant digits), or in float64 when any input is float64 (the reference precision of the tests).
+significant digits), or in float64 when any input is float64 (the reference precision of the tests). One exception,
+by choice: ReST-KV's W_o projection may run its matmul in bfloat16 (`projection_dtype`, see `projection_matmul_dtype`).
 Formulas and oracles: shared/docs/restkv-algorithm.md, sections 2-4 and 10.
 """
 
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 GQA_MODES = ("mean", "max", "mean_raw", "layer")
+PROJECTION_DTYPES = ("auto", "float32", "bfloat16")
 DISTANCE_CHUNK = 2048  # prefix tokens projected at once in "after" mode (a buffer of chunk * H * d floats) ...
 SCRATCH_ELEMENTS = 1 << 22  # ... at most this many floats per buffer (16 MiB in fp32; wide models take shorter chunks)
 BEFORE_CHUNK = 4096  # prefix keys projected at once in "before" mode (memory H * w * chunk * d)
@@ -102,65 +104,96 @@ def odds(a: torch.Tensor) -> torch.Tensor:
     return a / (1 - a)
 
 
-def projected_norm(diff: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
-    """||R_h x|| for x = diff[h, ..., :] ([H, ..., d]) and factor [H, d, d] -> [H, ...]."""
+def projection_matmul_dtype(setting: str, like: torch.Tensor) -> torch.dtype:
+    """The dtype of the W_o projection's matmul when scores are computed in like.dtype on like.device.
+
+    float64 stays float64 (the tests' reference). "auto" is bfloat16 where bf16 matmuls are native (a CUDA device
+    with bf16, a CPU with AVX512-BF16 or AMX), else float32: there the matmul ran 4-6x faster in bf16 (products
+    accumulate in fp32; the difference before it and the norm after it stay fp32), and the ranking it feeds moves
+    by ~0.3% per score (docs/benchmarks.md, "ReST-KV's projection in bfloat16").
+    """
+    if setting not in PROJECTION_DTYPES:
+        raise ValueError(f"unknown projection_dtype {setting!r}; allowed: {', '.join(PROJECTION_DTYPES)}")
+    if like.dtype == torch.float64 or setting == "float32":
+        return like.dtype
+    if setting == "bfloat16":
+        return torch.bfloat16
+    if like.device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else like.dtype
+    if like.device.type == "cpu":
+        from vllm_restkv.cpu import native_bf16
+
+        return torch.bfloat16 if native_bf16() else like.dtype
+    return like.dtype
+
+
+def projected_norm(diff: torch.Tensor, factor: torch.Tensor, matmul_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """||R_h x|| for x = diff[h, ..., :] ([H, ..., d]) and factor [H, d, d] -> [H, ...] in diff's dtype; the
+    product in `matmul_dtype` (default: diff's)."""
     h, d = diff.shape[0], diff.shape[-1]
-    flat = diff.reshape(h, -1, d)
-    return torch.einsum("hij,hnj->hni", factor.to(diff.dtype), flat).norm(dim=-1).reshape(diff.shape[:-1])
+    mm = matmul_dtype or diff.dtype
+    flat = diff.reshape(h, -1, d).to(mm)
+    projected = torch.einsum("hij,hnj->hni", factor.to(mm), flat)
+    return torch.linalg.vector_norm(projected, dim=-1, dtype=diff.dtype).reshape(diff.shape[:-1])
 
 
 _SCRATCH = threading.local()
 
 
-def scratch(slot: int, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    """An uninitialised [shape] buffer of like's dtype, reused across calls on the CPU (per thread and slot): glibc
+def scratch(slot: int, shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An uninitialised [shape] buffer of `dtype` (default like's) on like's device, reused across calls on the CPU
+    (per thread, slot and dtype): glibc
     hands large blocks back to the kernel on free, so a fresh one costs a page fault per 4 KiB (~0.25 ms per
     eviction at the engine's sizes, more than the arithmetic it holds). Elsewhere a fresh tensor (CUDA's caching
     allocator already reuses)."""
+    dtype = dtype or like.dtype
     if like.device.type != "cpu":
-        return like.new_empty(shape)
+        return like.new_empty(shape, dtype=dtype)
     numel = math.prod(shape)
     buffers = _SCRATCH.__dict__.setdefault("buffers", {})
-    buffer = buffers.get((slot, like.dtype))
+    buffer = buffers.get((slot, dtype))
     if buffer is None or buffer.numel() < numel:
-        buffer = buffers[(slot, like.dtype)] = like.new_empty(numel)
+        buffer = buffers[(slot, dtype)] = like.new_empty(numel, dtype=dtype)
     return buffer[:numel].view(shape)
 
 
 def projected_distance(value: torch.Tensor, center: torch.Tensor, factor: torch.Tensor,
-                       chunk: int = DISTANCE_CHUNK) -> torch.Tensor:
+                       chunk: int = DISTANCE_CHUNK, matmul_dtype: torch.dtype | None = None) -> torch.Tensor:
     """||R_h (center_h - v_j)|| for every query head h and token j: value [H_kv, P, d] (not expanded), center
-    [H, d], factor [H, d, d] -> [H, P].
+    [H, d], factor [H, d, d] -> [H, P] in value's dtype; the product in `matmul_dtype` (default: value's).
 
-    The difference comes first, as in the official code and the Triton kernel (projecting first would cancel
-    badly for a sink with a_bar ~ 1, whose o_bar ~ v_j). Tokens go in chunks through reused buffers: fresh
-    [H, P, d] tensors cost more in page faults than the products themselves.
+    The difference comes first and in value's dtype, as in the official code and the Triton kernel (projecting
+    first would cancel badly for a sink with a_bar ~ 1, whose o_bar ~ v_j); only the difference is rounded to the
+    matmul dtype. Tokens go in chunks through reused buffers: fresh [H, P, d] tensors cost more in page faults than
+    the products themselves.
     """
     h_kv, length, d = value.shape
     h = center.shape[0]
     group = h // h_kv
-    factor_t = factor.to(value.dtype).transpose(1, 2)  # x @ R^T = (R x)^T
+    mm = matmul_dtype or value.dtype
+    factor_t = factor.to(mm).transpose(1, 2)  # x @ R^T = (R x)^T
     center = center.to(value.dtype).view(h_kv, group, 1, d)
     out = value.new_empty(h, length)
     chunk = min(chunk, max(1, SCRATCH_ELEMENTS // (h * d)))
     size = min(chunk, length)
-    diff_buffer, projected_buffer = scratch(0, (h, size, d), value), scratch(1, (h, size, d), value)
+    diff_buffer, projected_buffer = scratch(0, (h, size, d), value, mm), scratch(1, (h, size, d), value, mm)
     for start in range(0, length, chunk):
         stop = min(start + chunk, length)
         diff, projected = diff_buffer[:, : stop - start], projected_buffer[:, : stop - start]
         torch.sub(center, value[:, None, start:stop], out=diff.view(h_kv, group, stop - start, d))
         torch.bmm(diff, factor_t, out=projected)
-        torch.linalg.vector_norm(projected, dim=-1, out=out[:, start:stop])
+        torch.linalg.vector_norm(projected, dim=-1, dtype=value.dtype, out=out[:, start:stop])
     return out
 
 
 def restkv_scores_from_attention(attn: torch.Tensor, value: torch.Tensor, factor: torch.Tensor, prefix: int,
-                                 alpha: float) -> torch.Tensor:
+                                 alpha: float, matmul_dtype: torch.dtype | None = None) -> torch.Tensor:
     """ReST-KV "after" mode from the window attention [H, w, L]: [H, P] with P = `prefix`.
 
     a_bar = EMA over the window queries of the prefix attention; o_bar = sum_j a_bar_j v_j over the prefix only (the
     window keys are left out, as in the official code); S_j = a_bar_j / (1 - a_bar_j) * ||W_o^h (o_bar - v_j)||,
-    the exact leave-one-out error of a virtual query with attention a_bar (oracle O2).
+    the exact leave-one-out error of a virtual query with attention a_bar (oracle O2). `matmul_dtype`: that of the
+    W_o projection (default: attn's).
     """
     h, w, _ = attn.shape
     h_kv = value.shape[0]
@@ -168,11 +201,12 @@ def restkv_scores_from_attention(attn: torch.Tensor, value: torch.Tensor, factor
     weights = ema_weights(w, alpha, attn.dtype, attn.device)
     a_bar = torch.matmul(weights, attn[:, :, :prefix])  # [H, P]
     o_bar = torch.bmm(a_bar.view(h_kv, h // h_kv, prefix), v).view(h, -1)  # [H, d]
-    return odds(a_bar) * projected_distance(v, o_bar, factor)
+    return odds(a_bar) * projected_distance(v, o_bar, factor, matmul_dtype=matmul_dtype)
 
 
 def restkv_scores_before_from_attention(attn: torch.Tensor, value: torch.Tensor, factor: torch.Tensor,
-                                        prefix: int, alpha: float) -> torch.Tensor:
+                                        prefix: int, alpha: float,
+                                        matmul_dtype: torch.dtype | None = None) -> torch.Tensor:
     """ReST-KV "before" mode: the exact leave-one-out error of every window query (true output over all L keys),
     then the EMA over the queries (oracle O1). [H, P]; projected in chunks of prefix keys to bound memory."""
     h = attn.shape[0]
@@ -183,7 +217,7 @@ def restkv_scores_before_from_attention(attn: torch.Tensor, value: torch.Tensor,
     for start in range(0, prefix, BEFORE_CHUNK):
         stop = min(start + BEFORE_CHUNK, prefix)
         diff = out[:, :, None, :] - v[:, None, start:stop, :]  # [H, w, chunk, d]
-        delta = odds(attn[:, :, start:stop]) * projected_norm(diff, factor)  # [H, w, chunk]
+        delta = odds(attn[:, :, start:stop]) * projected_norm(diff, factor, matmul_dtype)  # [H, w, chunk]
         scores.append(torch.einsum("w,hwp->hp", weights, delta))
     return torch.cat(scores, dim=1) if scores else attn.new_zeros(h, 0)
 

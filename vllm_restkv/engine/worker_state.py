@@ -138,7 +138,8 @@ class WorkerEviction:
 
             c = self.config
             self.policies[name] = get_policy(
-                name, window=c.window, alpha=c.alpha, beta=c.beta, kernel_size=c.kernel_size, gqa_agg=c.gqa_agg
+                name, window=c.window, alpha=c.alpha, beta=c.beta, kernel_size=c.kernel_size, gqa_agg=c.gqa_agg,
+                projection_dtype=c.projection_dtype,
             )
         return self.policies[name]
 

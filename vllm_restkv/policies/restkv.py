@@ -1,5 +1,6 @@
 """ReST-KV (An et al., ICLR 2026): layer-wise output reconstruction, EMA over the window queries, adaptive
-window-based smoothing, GQA aggregation; paper defaults ("after" mode, alpha 0.3, beta 2000, k_min 5).
+window-based smoothing, GQA aggregation; paper defaults ("after" mode, alpha 0.3, beta 2000, k_min 5). The W_o
+projection's matmul runs in bfloat16 where that is native ("auto"; "float32" keeps it in fp32).
 
 Repeated use (chunk boundaries, decode): each call scores the current cache afresh from the newest window queries
 (attention is causal by logical position, so kept old tokens and new ones are treated alike). With `carry` = 0 (the
@@ -23,13 +24,17 @@ class RestKV(EvictionPolicy):
     needs_o_proj = True
 
     def __init__(self, window: int = 32, alpha: float = 0.3, beta: float = 2000.0, kernel_size: int = 5,
-                 gqa_agg: str = "mean", mode: str = "after", carry: float = 0.0, **_):
+                 gqa_agg: str = "mean", mode: str = "after", carry: float = 0.0, projection_dtype: str = "auto", **_):
         super().__init__(window=window, gqa_agg=gqa_agg)
         if mode not in MODES:
             raise ValueError(f"unknown ReST-KV mode {mode!r}; allowed: {', '.join(MODES)}")
         if not 0.0 <= carry < 1.0:
             raise ValueError(f"carry must be in [0, 1), got {carry}")
+        if projection_dtype not in scoring.PROJECTION_DTYPES:
+            raise ValueError(f"unknown projection_dtype {projection_dtype!r}; "
+                             f"allowed: {', '.join(scoring.PROJECTION_DTYPES)}")
         self.alpha, self.beta, self.kernel_size, self.mode, self.carry = alpha, beta, kernel_size, mode, carry
+        self.projection_dtype = projection_dtype  # the W_o projection's matmul: scoring.projection_matmul_dtype
 
     def raw_scores(self, kv: LayerKV) -> tuple[torch.Tensor, torch.Tensor]:
         """([H, P] raw per-query-head scores, [H, w, L] window attention) of a logical view."""
@@ -45,7 +50,8 @@ class RestKV(EvictionPolicy):
         prefix = kv.length - self.window
         score_fn = (scoring.restkv_scores_from_attention if self.mode == "after"
                     else scoring.restkv_scores_before_from_attention)
-        return score_fn(attn, kv.value, factor, prefix, self.alpha), attn
+        matmul_dtype = scoring.projection_matmul_dtype(self.projection_dtype, attn)
+        return score_fn(attn, kv.value, factor, prefix, self.alpha, matmul_dtype), attn
 
     def prefix_scores(self, kv: LayerKV, n: int) -> torch.Tensor:
         raw, attn = self.raw_scores(kv)
