@@ -2,7 +2,7 @@
 
     .venv/bin/python loadtest/bench_scoring.py [--lengths 4096 16384 32768] [--repeats 3] [--quick]
 
-Prints a markdown table with the median times and the ratios the project tracks (ReST-KV / SnapKV, and scoring as
+Prints a markdown table with the median times (the policies' runs interleaved) and the ratios the project tracks (ReST-KV / SnapKV, and scoring as
 a share of one layer's prefill). A layer's prefill is timed twice: its causal attention alone
 (`scaled_dot_product_attention`, a lower bound) and the whole decoder layer (transformers' Llama layer with
 SmolLM2-135M's shapes, random weights, sdpa: norms, QKV/O projections, RoPE, attention and MLP). Both run in bf16 and
@@ -84,6 +84,20 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+def timed_together(fns: list, repeats: int) -> list[float]:
+    """Median seconds of each fn, their runs interleaved (a, b, c, a, b, c, ...) after a warm-up each, so that a
+    burst of noise on a shared machine hits all of them rather than one."""
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, out in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 32768])
@@ -92,7 +106,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="lengths 1024 2048, one repeat, budget 256")
     parser.add_argument("--engine-sizes", action="store_true",
                         help="instead: every policy's select at the engine benchmark's sizes (tiny model: 4 query / 2 "
-                             "KV heads, 768 tokens = budget 256 + a chunk of 512), one thread, 200 calls")
+                             "KV heads, 768 tokens = budget 256 + a chunk of 512), one thread, 400 calls")
     parser.add_argument("--layout", action="store_true",
                         help="instead: reading and compacting one layer of the CPU KV cache (this CPU's layout, found "
                              "by vLLM's cache-write op), strided fast path vs the general per-element path")
@@ -120,9 +134,9 @@ def main() -> None:
         q = torch.randn(H, WINDOW, D_HEAD)
         kv = LayerKV(query=q, key=k, value=v, positions=torch.arange(L).expand(H_KV, L), o_proj_weight=weight,
                      wo_factor=factor)
-        t_rest = timed(lambda: restkv.select(kv, args.budget), args.repeats)
-        t_rest32 = timed(lambda: restkv_fp32.select(kv, args.budget), args.repeats)
-        t_snap = timed(lambda: snapkv.select(kv, args.budget), args.repeats)
+        t_rest, t_rest32, t_snap = timed_together([lambda: restkv.select(kv, args.budget),
+                                                   lambda: restkv_fp32.select(kv, args.budget),
+                                                   lambda: snapkv.select(kv, args.budget)], args.repeats)
         t_attn = fastest({dtype: attention_prefill(k, v, dtype) for dtype in DTYPES})
         t_layer = fastest({dtype: layer_prefill(*layers[dtype], L) for dtype in DTYPES})
         rows.append((L, t_rest, t_rest32, t_snap, t_attn, t_layer))
@@ -137,7 +151,7 @@ def main() -> None:
           f"ReST-KV's projection_dtype auto = {projection} on this machine")
 
 
-def engine_sizes(length: int = 768, budget: int = 256, calls: int = 200) -> None:
+def engine_sizes(length: int = 768, budget: int = 256, calls: int = 400) -> None:
     """Per-call select time of each policy at the load test's sizes, where dispatch and allocation weigh more than
     the arithmetic."""
     from vllm_restkv.models import TINY_SHAPE
@@ -155,16 +169,18 @@ def engine_sizes(length: int = 768, budget: int = 256, calls: int = 200) -> None
     projection = str(projection_matmul_dtype("auto", kv.key)).removeprefix("torch.")
     runs = [("restkv", {}), ("restkv", {"projection_dtype": "float32"})]
     runs += [(name, {}) for name in ("snapkv", "h2o", "tova", "streamingllm")]
-    for name, settings in runs:
-        policy = get_policy(name, window=WINDOW, **settings)
+    policies = [get_policy(name, window=WINDOW, **settings) for name, settings in runs]
+    batch = 10  # calls per timed run; the policies' runs interleave (timed_together), 1 + calls / batch each
+
+    def calls_of(policy):
+        return lambda: [policy.select(kv, budget) for _ in range(batch)]
+
+    times = timed_together([calls_of(policy) for policy in policies], calls // batch)
+    for (name, settings), seconds in zip(runs, times):
         label = name if name != "restkv" else f"restkv ({settings.get('projection_dtype', projection)} projection)"
-        for _ in range(20):
-            policy.select(kv, budget)
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            policy.select(kv, budget)
-        print(f"| {label} | {(time.perf_counter() - t0) / calls * 1e3:.2f} |")
-    print(f"\ncommand: {' '.join(sys.argv)}; torch {torch.__version__}")
+        print(f"| {label} | {seconds / batch * 1e3:.2f} |")
+    print(f"\ncommand: {' '.join(sys.argv)}; torch {torch.__version__}; median of {calls // batch} interleaved runs of "
+          f"{batch} calls")
 
 
 def layout_paths(length: int = 768, budget: int = 256, calls: int = 100) -> None:

@@ -64,8 +64,10 @@ def time_scoring(lengths: list[int]) -> list[dict]:
         kv = LayerKV(query=q, key=k, value=v, positions=torch.arange(L, device="cuda").expand(H_KV, L),
                      o_proj_weight=weight, wo_factor=factor)
         row = {"L": L}
-        for name in ("restkv", "snapkv"):
-            policy = get_policy(name)
+        for label, name, settings in (("restkv", "restkv", {}),  # projection_dtype auto: bf16 on CUDA
+                                      ("restkv_fp32proj", "restkv", {"projection_dtype": "float32"}),
+                                      ("snapkv", "snapkv", {})):
+            policy = get_policy(name, **settings)
             policy.select(kv, 1024)
             times = []
             for _ in range(5):
@@ -74,9 +76,10 @@ def time_scoring(lengths: list[int]) -> list[dict]:
                 policy.select(kv, 1024)
                 torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
-            row[name + "_ms"] = 1e3 * statistics.median(times)
+            row[label + "_ms"] = 1e3 * statistics.median(times)
         rows.append(row)
-        print(f"  L={L}: restkv {row['restkv_ms']:.2f} ms, snapkv {row['snapkv_ms']:.2f} ms", flush=True)
+        print(f"  L={L}: restkv {row['restkv_ms']:.2f} ms (fp32 projection {row['restkv_fp32proj_ms']:.2f}), "
+              f"snapkv {row['snapkv_ms']:.2f} ms", flush=True)
     return rows
 
 

@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import re
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -219,6 +220,31 @@ def load_findings(load: dict, none: dict) -> list[str]:
     return out
 
 
+def pooled_load_ratios(runs: list[dict]) -> list[str]:
+    """Requests/s of every cell relative to `none` in the same run (same max_tokens and load level), run by run, with
+    the median and range over the runs: on a noisy machine a ratio that holds in every run is more than one draw."""
+    setup = ("model", "kv_blocks", "prompt_tokens", "chunk", "load")
+    for run in runs[1:]:
+        differ = [k for k in setup if run[k] != runs[0][k]]
+        if differ:
+            raise ValueError(f"the load tests differ in {', '.join(differ)}: their ratios cannot be pooled")
+    key = runs[0]["load"]
+    ratios: dict[tuple, list[float]] = {}
+    for run in runs:
+        none = {(c["max_tokens"], c[key]): c["req_s"] for c in run["cells"] if c["policy"] == "none"}
+        for c in run["cells"]:
+            level = (c["max_tokens"], c[key])
+            if c["policy"] != "none" and level in none:
+                ratios.setdefault((c["policy"], c["budget"] or 0, *level), []).append(c["req_s"] / none[level])
+    lines = [f"| policy | budget | max_tokens | {key} | req/s vs none, run by run | median | range |",
+             "|---|---|---|---|---|---|---|"]
+    for (policy, budget, max_tokens, level), values in sorted(ratios.items(), key=lambda kv: (kv[0][2:], kv[0][:2])):
+        lines.append(f"| {policy} | {budget or '-'} | {max_tokens} | {level:g} | "
+                     f"{', '.join(f'{v:.2f}x' for v in values)} | **{statistics.median(values):.2f}x** | "
+                     f"{min(values):.2f}-{max(values):.2f}x |")
+    return lines + [""]
+
+
 def overhead_section(results: list[dict]) -> list[str]:
     """The plugin's share of engine time with nothing to evict, profiled (loadtest/profile_overhead.py)."""
     lines = ["**Overhead with nothing to evict, profiled** (`loadtest/profile_overhead.py`: the in-process engine "
@@ -339,6 +365,9 @@ def main(argv=None) -> int:
     p.add_argument("--pool-accuracy", type=Path, nargs="+", default=None, metavar="JSON",
                    help="only print the paired KL intervals of these bench_accuracy.py runs pooled (different draws "
                         "of the data set: more items, tighter intervals), then exit")
+    p.add_argument("--pool-load", type=Path, nargs="+", default=None, metavar="JSON",
+                   help="only print each cell's requests/s relative to none, run by run, with the median and range "
+                        "over these bench_load.py runs (repeats of one set-up), then exit")
     p.add_argument("--agreement", type=float, default=0.95)
     p.add_argument("--preamble", default="", help="text placed first in the section (e.g. the machine)")
     args = p.parse_args(argv)
@@ -347,8 +376,16 @@ def main(argv=None) -> int:
         print(f"Pooled over {', '.join(str(f) for f in args.pool_accuracy)}:\n")
         print("\n".join(paired_kl_intervals(runs)))
         return 0
+    if args.pool_load:
+        try:
+            lines = pooled_load_ratios([json.loads(f.read_text()) for f in args.pool_load])
+        except ValueError as e:
+            p.error(str(e))
+        print(f"Pooled over {', '.join(str(f) for f in args.pool_load)}:\n")
+        print("\n".join(lines))
+        return 0
     if args.markdown is None or args.plots is None:
-        p.error("--markdown and --plots are required (unless --pool-accuracy)")
+        p.error("--markdown and --plots are required (unless --pool-accuracy or --pool-load)")
     acc = json.loads(args.accuracy.read_text()) if args.accuracy else None
     loads = [json.loads(f.read_text()) for f in args.load]
     agg = aggregate(acc["rows"]) if acc else []

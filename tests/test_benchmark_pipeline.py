@@ -194,3 +194,27 @@ def test_pair_ablation_pairs_same_items_and_refuses_other_data(tmp_path):
     proc = subprocess.run([sys.executable, script, str(ablation), "--base", str(base_restkv), "--baseline", "restkv"],
                           capture_output=True, text=True, timeout=120, check=True)
     assert "budget 256, vs restkv (base run): -0.0500 [-0.2000, +0.1000] over 2 items: not separated" in proc.stdout
+
+
+def test_report_pools_load_ratios_run_by_run(tmp_path):
+    def run(none: float, restkv: float, blocks: int = 64) -> dict:
+        cells = [{"policy": "none", "budget": None, "max_tokens": 8, "concurrency": 16, "req_s": none},
+                 {"policy": "restkv", "budget": 256, "max_tokens": 8, "concurrency": 16, "req_s": restkv},
+                 {"policy": "none@512", "budget": None, "max_tokens": 8, "concurrency": 16, "req_s": 9.0}]
+        return {"model": "tiny", "kv_blocks": blocks, "prompt_tokens": 2048, "chunk": 512, "load": "concurrency",
+                "cells": cells}
+
+    files = []
+    for i, (none, restkv) in enumerate([(1.0, 2.5), (2.0, 6.0), (1.0, 2.0)]):
+        files.append(tmp_path / f"run{i}.json")
+        files[-1].write_text(json.dumps(run(none, restkv)))
+    script = str(REPO / "loadtest" / "report.py")
+    proc = subprocess.run([sys.executable, script, "--pool-load", *map(str, files)], capture_output=True, text=True,
+                          timeout=120, check=True)
+    assert "| restkv | 256 | 8 | 16 | 2.50x, 3.00x, 2.00x | **2.50x** | 2.00-3.00x |" in proc.stdout
+    assert "| none@512 | - | 8 | 16 | 9.00x, 4.50x, 9.00x | **9.00x** | 4.50-9.00x |" in proc.stdout
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(run(1.0, 2.0, blocks=32)))
+    proc = subprocess.run([sys.executable, script, "--pool-load", str(files[0]), str(other)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "differ in kv_blocks" in proc.stderr and "Traceback" not in proc.stderr

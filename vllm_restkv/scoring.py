@@ -108,9 +108,10 @@ def projection_matmul_dtype(setting: str, like: torch.Tensor) -> torch.dtype:
     """The dtype of the W_o projection's matmul when scores are computed in like.dtype on like.device.
 
     float64 stays float64 (the tests' reference). "auto" is bfloat16 where bf16 matmuls are native (a CUDA device
-    with bf16, a CPU with AVX512-BF16 or AMX), else float32: there the matmul ran 4-6x faster in bf16 (products
-    accumulate in fp32; the difference before it and the norm after it stay fp32), and the ranking it feeds moves
-    by ~0.3% per score (docs/benchmarks.md, "ReST-KV's projection in bfloat16").
+    with bf16, a CPU with AVX512-BF16 or AMX), else float32. On such a CPU the matmul ran 4-6x faster in bf16 and
+    the whole projection step (difference and norm stay fp32; products accumulate in fp32) about 2x at 4k-16k
+    tokens; a score moves by bf16 rounding (~0.4%), and the engine's fidelity to the full cache did not measurably
+    change (docs/benchmarks.md, "ReST-KV's projection in bfloat16").
     """
     if setting not in PROJECTION_DTYPES:
         raise ValueError(f"unknown projection_dtype {setting!r}; allowed: {', '.join(PROJECTION_DTYPES)}")
