@@ -2,16 +2,17 @@
 
     .venv/bin/python loadtest/bench_scoring.py [--lengths 4096 16384 32768] [--repeats 3] [--quick]
 
-Prints a markdown table with the median times (the policies' runs interleaved) and the ratios the project tracks (ReST-KV / SnapKV, and scoring as
-a share of one layer's prefill). A layer's prefill is timed twice: its causal attention alone
-(`scaled_dot_product_attention`, a lower bound) and the whole decoder layer (transformers' Llama layer with
-SmolLM2-135M's shapes, random weights, sdpa: norms, QKV/O projections, RoPE, attention and MLP). Both run in bf16 and
-in fp32 and the faster of the two counts (the smaller denominator: CPUs without native bf16 run bf16 matmuls several
-times slower than fp32 ones); the table names the dtype that won. Scoring is per layer and per request, on the torch
-path, timed through `policy.select` as the engine calls it (scores, smoothing, GQA aggregation and top-k). `--quick` runs small
-sizes once, as a smoke test. ReST-KV runs twice: with its default projection_dtype ("auto": the W_o projection in
-bfloat16 on a CPU with native bf16) and with it in float32; `--engine-sizes` times every policy's select at the load test's sizes instead, and
-`--layout` reading and compacting the CPU KV cache.
+Prints a markdown table with the median times (the policies' runs interleaved, so that bursts of noise on a shared
+machine hit all of them) and the ratios the project tracks (ReST-KV / SnapKV, and scoring as a share of one layer's
+prefill). A layer's prefill is timed twice: its causal attention alone (`scaled_dot_product_attention`, a lower
+bound) and the whole decoder layer (transformers' Llama layer with SmolLM2-135M's shapes, random weights, sdpa: norms,
+QKV/O projections, RoPE, attention and MLP). Both run in bf16 and in fp32 and the faster of the two counts (the
+smaller denominator: CPUs without native bf16 run bf16 matmuls several times slower than fp32 ones); the table names
+the dtype that won. Scoring is per layer and per request, on the torch path, timed through `policy.select` as the
+engine calls it (scores, smoothing, GQA aggregation and top-k). ReST-KV runs twice: with its default
+projection_dtype ("auto": the W_o projection in bfloat16 on a CPU with native bf16) and with it in float32.
+`--quick` runs small sizes once, as a smoke test; `--engine-sizes` times every policy's select at the load test's
+sizes instead, and `--layout` reading and compacting the CPU KV cache.
 """
 
 from __future__ import annotations

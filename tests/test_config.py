@@ -188,3 +188,23 @@ def test_onednn_primitive_cache_is_turned_off_on_cpu_unless_the_user_set_it(monk
     monkeypatch.setenv(plugin.ONEDNN_CACHE_ENV, "1024")  # the user's choice stands
     plugin._bound_onednn_primitive_cache()
     assert os.environ[plugin.ONEDNN_CACHE_ENV] == "1024" and plugin._ONEDNN_MARKER not in os.environ
+
+
+def test_every_policy_setting_reaches_the_policies():
+    """What the engine builds its policies with (WorkerEviction._policy): every hyperparameter of the config, set to
+    a non-default value, ends up on the policy; and every config field is either handed over or steers the engine, so
+    a new setting cannot be silently dropped on the way."""
+    from vllm_restkv.config import POLICY_SETTINGS
+    from vllm_restkv.policies import get_policy
+
+    engine_fields = {"policy", "budget", "evict_after_prefill", "evict_during_prefill", "decode_interval",
+                     "allow_request_override"}
+    assert set(KVEvictionConfig.field_names()) == engine_fields | set(POLICY_SETTINGS)
+    changed = {"window": 16, "alpha": 0.5, "beta": 100.0, "kernel_size": 3, "gqa_agg": "max",
+               "projection_dtype": "float32"}
+    assert set(changed) == set(POLICY_SETTINGS)
+    config = KVEvictionConfig.from_value({"policy": "restkv", "budget": 64, **changed})
+    policy = get_policy("restkv", **config.policy_settings())
+    assert {name: getattr(policy, name) for name in changed} == changed
+    for name in ("snapkv", "h2o", "tova", "streamingllm", "random", "pyramidkv"):  # the baselines take the same call
+        assert get_policy(name, **config.policy_settings()).window == 16

@@ -54,6 +54,10 @@ class KVEvictionConfig:
     def enabled(self) -> bool:
         return self.policy != NO_EVICTION
 
+    def policy_settings(self) -> dict[str, Any]:
+        """The hyperparameters every policy is built with (`get_policy(name, **settings)`; each takes what it uses)."""
+        return {name: getattr(self, name) for name in POLICY_SETTINGS}
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -139,6 +143,8 @@ class KVEvictionConfig:
 
 GQA_AGGREGATIONS = ("mean", "max", "mean_raw", "layer")  # vllm_restkv.scoring.GQA_MODES
 PROJECTION_DTYPES = ("auto", "float32", "bfloat16")  # vllm_restkv.scoring.PROJECTION_DTYPES
+# Fields handed to the policies; the others (policy, budget, where eviction runs, overrides) steer the engine.
+POLICY_SETTINGS = ("window", "alpha", "beta", "kernel_size", "gqa_agg", "projection_dtype")
 
 
 def _coerce(name: str, value: Any, kind: type) -> Any:

@@ -143,10 +143,9 @@ _SCRATCH = threading.local()
 
 def scratch(slot: int, shape: tuple[int, ...], like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """An uninitialised [shape] buffer of `dtype` (default like's) on like's device, reused across calls on the CPU
-    (per thread, slot and dtype): glibc
-    hands large blocks back to the kernel on free, so a fresh one costs a page fault per 4 KiB (~0.25 ms per
-    eviction at the engine's sizes, more than the arithmetic it holds). Elsewhere a fresh tensor (CUDA's caching
-    allocator already reuses)."""
+    (per thread, slot and dtype): glibc hands large blocks back to the kernel on free, so a fresh one costs a page
+    fault per 4 KiB (~0.25 ms per eviction at the engine's sizes, more than the arithmetic it holds). Elsewhere a
+    fresh tensor (CUDA's caching allocator already reuses)."""
     dtype = dtype or like.dtype
     if like.device.type != "cpu":
         return like.new_empty(shape, dtype=dtype)

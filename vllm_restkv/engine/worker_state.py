@@ -136,11 +136,7 @@ class WorkerEviction:
         if name not in self.policies:
             from vllm_restkv.policies import get_policy
 
-            c = self.config
-            self.policies[name] = get_policy(
-                name, window=c.window, alpha=c.alpha, beta=c.beta, kernel_size=c.kernel_size, gqa_agg=c.gqa_agg,
-                projection_dtype=c.projection_dtype,
-            )
+            self.policies[name] = get_policy(name, **self.config.policy_settings())
         return self.policies[name]
 
     def _slot(self) -> int:
