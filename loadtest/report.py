@@ -54,6 +54,32 @@ def aggregate(rows: list[dict]) -> list[dict]:
     return result
 
 
+def merge_accuracy(runs: list[dict]) -> dict:
+    """Several bench_accuracy.py runs on the same items as one (baselines from one run, a restkv setting from
+    another). A run's policies are named after its --policy-config when it has one (`restkv {"alpha": 1.0}`), so
+    that an ablation and the defaults can sit in one table and plot. The runs must share the data and the full
+    cache's results (then the engine was deterministic between them and items pair up)."""
+    base = runs[0]
+    for run in runs[1:]:
+        if run["data"]["sha256"] != base["data"]["sha256"]:
+            raise ValueError("the runs used different data sets")
+        if [i["p_full"] for i in run["items"]] != [i["p_full"] for i in base["items"]]:
+            raise ValueError("the full cache's results differ between the runs: they cannot be merged")
+    merged = dict(base, rows=[], raw=[], command=" ; ".join(r["command"] for r in runs),
+                  seconds=sum(r["seconds"] for r in runs), policy_config=None)
+    for i, run in enumerate(runs):
+        config = run.get("policy_config")
+        suffix = f" {json.dumps(config, sort_keys=True)}" if config else ""
+        for key in ("rows", "raw"):
+            for r in run.get(key, []):
+                if r["policy"] == "none":
+                    if i == 0:  # the full cache once
+                        merged[key].append(r)
+                    continue
+                merged[key].append({**r, "policy": r["policy"] + suffix})
+    return merged
+
+
 def dtype_note(result: dict) -> str:
     """", float32" for results that record their serving dtype (older ones did not: bfloat16 then)."""
     return f", {result['dtype']}" if result.get("dtype") else ""
@@ -90,11 +116,13 @@ def accuracy_section(acc: dict, agg: list[dict]) -> list[str]:
                      f"{fmt(r.get('agreement'), '.3f')} | {fmt(r['kl'], '.4f')} | {fmt(r.get('needle_accuracy'), '.2f')} | "
                      f"{fmt(r.get('auroc'), '.3f')} |")
     lines += ["", *verdict_vs_baselines(agg), *paired_kl_intervals(acc)]
+    for variant in sorted({r["policy"] for r in agg if r["policy"].startswith("restkv ")}):  # merged settings
+        lines += paired_kl_intervals(acc, subject=variant)
     return lines
 
 
 def paired_kl_intervals(acc: dict | list[dict], resamples: int = 2000, seed: int = 0,
-                        baselines: tuple[str, ...] = BASELINES) -> list[str]:
+                        baselines: tuple[str, ...] = BASELINES, subject: str = "restkv") -> list[str]:
     """Mean per-item KL difference restkv - baseline at each budget <= 512 with a 95% paired bootstrap interval
     (same items, resampled together): whether a ranking between policies is more than the choice of items. Several
     runs (on different draws of the data set) are pooled: items are told apart by run."""
@@ -108,16 +136,16 @@ def paired_kl_intervals(acc: dict | list[dict], resamples: int = 2000, seed: int
     if not per:
         return ["Per-item KL is not in this run's JSON (older bench_accuracy.py), so no intervals.", ""]
     rng = random.Random(seed)
-    out = ["Paired by item, restkv KL minus baseline KL (mean, 95% bootstrap interval; below 0 = restkv closer to "
-           "the full cache; an interval across 0 does not separate them):", ""]
+    out = [f"Paired by item, {subject} KL minus baseline KL (mean, 95% bootstrap interval; below 0 = {subject} "
+           "closer to the full cache; an interval across 0 does not separate them):", ""]
     for (policy, budget), baseline in sorted(per.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        mine = per.get(("restkv", budget))
+        mine = per.get((subject, budget))
         if policy not in baselines or budget > 512 or not mine:
             continue
         diffs = [mine[i] - baseline[i] for i in sorted(set(mine) & set(baseline))]
         means = sorted(sum(rng.choices(diffs, k=len(diffs))) / len(diffs) for _ in range(resamples))
         low, high = means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
-        verdict = "restkv closer" if high < 0 else f"{policy} closer" if low > 0 else "not separated"
+        verdict = f"{subject} closer" if high < 0 else f"{policy} closer" if low > 0 else "not separated"
         out.append(f"- budget {budget}, vs {policy}: {sum(diffs) / len(diffs):+.4f} [{low:+.4f}, {high:+.4f}] over "
                    f"{len(diffs)} items: {verdict}")
     return [*out, ""] if len(out) > 2 else []
@@ -357,7 +385,8 @@ def write_section(markdown: Path, body: list[str]) -> None:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--accuracy", type=Path, default=None)
+    p.add_argument("--accuracy", type=Path, nargs="+", default=None, metavar="JSON",
+                   help="bench_accuracy.py result(s); several runs on the same items are merged (merge_accuracy)")
     p.add_argument("--load", type=Path, action="append", default=[])
     p.add_argument("--overhead", type=Path, action="append", default=[], help="loadtest/profile_overhead.py JSON")
     p.add_argument("--markdown", type=Path)
@@ -386,7 +415,10 @@ def main(argv=None) -> int:
         return 0
     if args.markdown is None or args.plots is None:
         p.error("--markdown and --plots are required (unless --pool-accuracy or --pool-load)")
-    acc = json.loads(args.accuracy.read_text()) if args.accuracy else None
+    try:
+        acc = merge_accuracy([json.loads(f.read_text()) for f in args.accuracy]) if args.accuracy else None
+    except ValueError as e:
+        p.error(str(e))
     loads = [json.loads(f.read_text()) for f in args.load]
     agg = aggregate(acc["rows"]) if acc else []
     eq = equal_accuracy(agg, loads, args.agreement)

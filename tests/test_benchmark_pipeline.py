@@ -218,3 +218,27 @@ def test_report_pools_load_ratios_run_by_run(tmp_path):
     proc = subprocess.run([sys.executable, script, "--pool-load", str(files[0]), str(other)], capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode == 2 and "differ in kv_blocks" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_merge_accuracy_names_settings_and_refuses_other_items():
+    """Baselines from one run and a restkv setting from another, in one table: the full cache once, the setting in
+    the policy's name; runs on other items (or with other full-cache results) are refused."""
+    sys.path.insert(0, str(REPO / "loadtest"))
+    import report
+
+    def run(policy: str, config: dict | None, p_full: list[float], sha: str = "s") -> dict:
+        rows = [{"policy": "none", "budget": None, "length": None, "kl": 0.0},
+                {"policy": policy, "budget": 256, "length": 1024, "kl": 0.4}]
+        return {"data": {"sha256": sha}, "items": [{"p_full": p} for p in p_full], "command": f"run {policy}",
+                "seconds": 60.0, "policy_config": config, "rows": rows,
+                "raw": [{"policy": policy, "budget": 256, "item": 0, "kl": 0.4}]}
+
+    base, ablation = run("restkv", None, [0.1]), run("restkv", {"kernel_size": 1, "alpha": 1.0}, [0.1])
+    merged = report.merge_accuracy([base, ablation])
+    assert [r["policy"] for r in merged["rows"]] == ["none", "restkv", 'restkv {"alpha": 1.0, "kernel_size": 1}']
+    assert [r["policy"] for r in merged["raw"]] == ["restkv", 'restkv {"alpha": 1.0, "kernel_size": 1}']
+    assert merged["seconds"] == 120.0 and merged["command"] == "run restkv ; run restkv"
+    with pytest.raises(ValueError, match="different data sets"):
+        report.merge_accuracy([base, run("tova", None, [0.1], sha="t")])
+    with pytest.raises(ValueError, match="full cache's results differ"):
+        report.merge_accuracy([base, run("tova", None, [0.2])])
