@@ -242,3 +242,22 @@ def test_merge_accuracy_names_settings_and_refuses_other_items():
         report.merge_accuracy([base, run("tova", None, [0.1], sha="t")])
     with pytest.raises(ValueError, match="full cache's results differ"):
         report.merge_accuracy([base, run("tova", None, [0.2])])
+
+
+@pytest.mark.parametrize("mode", ["--quick", "--engine-sizes"])
+def test_scoring_benchmark_runs_and_reports_both_projections(mode):
+    """The scoring micro-benchmark (issue #3's table) runs end to end; ReST-KV appears with its default projection
+    and with the float32 one, and every time is a positive number."""
+    proc = subprocess.run([sys.executable, str(REPO / "loadtest" / "bench_scoring.py"), mode], capture_output=True,
+                          text=True, timeout=300, check=True)
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| L ") and not line.startswith("| policy")]
+    if mode == "--quick":
+        assert "float32 projection" in proc.stdout and [r[0].strip() for r in rows] == ["1024", "2048"]
+        times = [float(r[i]) for r in rows for i in (1, 2, 3)]  # ReST-KV (auto), ReST-KV (float32), SnapKV
+    else:
+        names = [r[0].strip() for r in rows]
+        assert names[1] == "restkv (float32 projection)" and names[0].startswith("restkv (")
+        assert names[2:] == ["snapkv", "h2o", "tova", "streamingllm"]
+        times = [float(r[1]) for r in rows]
+    assert all(t > 0 for t in times)
