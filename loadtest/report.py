@@ -123,9 +123,10 @@ def accuracy_section(acc: dict, agg: list[dict]) -> list[str]:
 
 def paired_kl_intervals(acc: dict | list[dict], resamples: int = 2000, seed: int = 0,
                         baselines: tuple[str, ...] = BASELINES, subject: str = "restkv") -> list[str]:
-    """Mean per-item KL difference restkv - baseline at each budget <= 512 with a 95% paired bootstrap interval
-    (same items, resampled together): whether a ranking between policies is more than the choice of items. Several
-    runs (on different draws of the data set) are pooled: items are told apart by run."""
+    """Mean per-item KL difference `subject` (restkv, or a restkv setting of a merged run) - each of `baselines` at
+    each budget <= 512 with a 95% paired bootstrap interval (same items, resampled together): whether a ranking
+    between policies is more than the choice of items. Several runs (on different draws of the data set) are pooled:
+    items are told apart by run."""
     import random
 
     per = {}
