@@ -28,10 +28,10 @@ def main() -> int:
                    help="the base run's policy to pair with; restkv pairs restkv with itself under the base run's settings")
     args = p.parse_args()
     base, ablation = json.loads(args.base.read_text()), json.loads(args.ablation.read_text())
-    if base["data"]["sha256"] != ablation["data"]["sha256"]:
-        p.error("the two runs used different data sets")
-    if [i["p_full"] for i in base["items"]] != [i["p_full"] for i in ablation["items"]]:
-        p.error("the full cache's results differ between the runs: items cannot be paired")
+    try:
+        report.check_same_items([base, ablation])
+    except ValueError as e:
+        p.error(str(e))
     print(f"restkv with {ablation.get('policy_config') or 'the defaults'} ({args.ablation}) against "
           f"{args.baseline} ({args.base}):\n")
     for row in ablation["rows"]:

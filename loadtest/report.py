@@ -54,29 +54,49 @@ def aggregate(rows: list[dict]) -> list[dict]:
     return result
 
 
-def merge_accuracy(runs: list[dict]) -> dict:
-    """Several bench_accuracy.py runs on the same items as one (baselines from one run, a restkv setting from
-    another). A run's policies are named after its --policy-config when it has one (`restkv {"alpha": 1.0}`), so
-    that an ablation and the defaults can sit in one table and plot. The runs must share the data and the full
-    cache's results (then the engine was deterministic between them and items pair up)."""
+def check_same_items(runs: list[dict]) -> None:
+    """ValueError unless the bench_accuracy.py runs used the same data and got the same full-cache results (then the
+    engine was deterministic between them and their items pair up)."""
     base = runs[0]
     for run in runs[1:]:
         if run["data"]["sha256"] != base["data"]["sha256"]:
             raise ValueError("the runs used different data sets")
         if [i["p_full"] for i in run["items"]] != [i["p_full"] for i in base["items"]]:
-            raise ValueError("the full cache's results differ between the runs: they cannot be merged")
-    merged = dict(base, rows=[], raw=[], command=" ; ".join(r["command"] for r in runs),
+            raise ValueError("the full cache's results differ between the runs: items cannot be paired")
+
+
+def settings_name(policy: str, config: dict | None) -> str:
+    """`policy` named after the settings of a run's --policy-config that apply to it: the policy settings it uses
+    (EvictionPolicy.settings) and any engine setting; e.g. `restkv {"alpha": 1.0}` but plain `tova` for that run."""
+    from vllm_restkv.config import POLICY_SETTINGS
+    from vllm_restkv.policies import POLICIES
+
+    used = POLICIES[policy].settings if policy in POLICIES else POLICY_SETTINGS
+    applied = {k: v for k, v in (config or {}).items() if k not in POLICY_SETTINGS or k in used}
+    return f"{policy} {json.dumps(applied, sort_keys=True)}" if applied else policy
+
+
+def merge_accuracy(runs: list[dict]) -> dict:
+    """Several bench_accuracy.py runs on the same items as one (baselines from one run, a restkv setting from
+    another). A run's policies are named after the settings of its --policy-config that apply to them
+    (`settings_name`), so that an ablation and the defaults can sit in one table and plot; the same name from two
+    runs is refused. The runs must pass `check_same_items`."""
+    check_same_items(runs)
+    merged = dict(runs[0], rows=[], raw=[], command=" ; ".join(r["command"] for r in runs),
                   seconds=sum(r["seconds"] for r in runs), policy_config=None)
+    owner = {}  # name -> the run it came from
     for i, run in enumerate(runs):
-        config = run.get("policy_config")
-        suffix = f" {json.dumps(config, sort_keys=True)}" if config else ""
         for key in ("rows", "raw"):
             for r in run.get(key, []):
                 if r["policy"] == "none":
                     if i == 0:  # the full cache once
                         merged[key].append(r)
                     continue
-                merged[key].append({**r, "policy": r["policy"] + suffix})
+                name = settings_name(r["policy"], run.get("policy_config"))
+                if owner.setdefault(name, i) != i:
+                    raise ValueError(f"{name} is in runs {owner[name] + 1} and {i + 1} with the same settings; "
+                                     "leave it out of one of them")
+                merged[key].append({**r, "policy": name})
     return merged
 
 

@@ -238,6 +238,13 @@ def test_merge_accuracy_names_settings_and_refuses_other_items():
     assert [r["policy"] for r in merged["rows"]] == ["none", "restkv", 'restkv {"alpha": 1.0, "kernel_size": 1}']
     assert [r["policy"] for r in merged["raw"]] == ["restkv", 'restkv {"alpha": 1.0, "kernel_size": 1}']
     assert merged["seconds"] == 120.0 and merged["command"] == "run restkv ; run restkv"
+    # a baseline is named after the settings that apply to it only: TOVA ignores alpha, not an engine setting
+    assert [r["policy"] for r in report.merge_accuracy([base, run("tova", {"alpha": 1.0}, [0.1])])["raw"]] == [
+        "restkv", "tova"]
+    renamed = report.merge_accuracy([base, run("tova", {"alpha": 1.0, "decode_interval": 0}, [0.1])])
+    assert renamed["raw"][1]["policy"] == 'tova {"decode_interval": 0}'
+    with pytest.raises(ValueError, match="tova is in runs 1 and 2 with the same settings"):
+        report.merge_accuracy([run("tova", None, [0.1]), run("tova", {"alpha": 1.0}, [0.1])])
     with pytest.raises(ValueError, match="different data sets"):
         report.merge_accuracy([base, run("tova", None, [0.1], sha="t")])
     with pytest.raises(ValueError, match="full cache's results differ"):

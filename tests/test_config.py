@@ -208,3 +208,67 @@ def test_every_policy_setting_reaches_the_policies():
     assert {name: getattr(policy, name) for name in changed} == changed
     for name in ("snapkv", "h2o", "tova", "streamingllm", "random", "pyramidkv"):  # the baselines take the same call
         assert get_policy(name, **config.policy_settings()).window == 16
+
+
+def test_policies_declare_the_settings_they_use_and_ignore_the_others():
+    """`settings` of each policy: the ones it stores, and changing any other one leaves its selection unchanged
+    (so the start-up warning about an ignored setting and report.py's run names tell the truth)."""
+    import torch
+
+    from vllm_restkv.config import POLICY_SETTINGS
+    from vllm_restkv.policies import POLICIES, LayerKV, get_policy
+
+    changed = {"window": 16, "alpha": 0.5, "beta": 100.0, "kernel_size": 3, "gqa_agg": "max",
+               "projection_dtype": "float32"}
+    torch.manual_seed(0)
+    h, h_kv, d, length = 4, 2, 8, 96
+    weight = torch.randn(32, h * d)
+    kv = LayerKV(query=torch.randn(h, 16, d), key=torch.randn(h_kv, length, d), value=torch.randn(h_kv, length, d),
+                 positions=torch.arange(length).expand(h_kv, length), o_proj_weight=weight)
+    for name, cls in POLICIES.items():
+        assert set(cls.settings) <= set(POLICY_SETTINGS), name
+        policy = get_policy(name, **changed)
+        assert all(getattr(policy, s) == changed[s] for s in cls.settings), name
+        base = {s: changed[s] for s in cls.settings}
+        reference = get_policy(name, **base).select(kv, 40)
+        for setting in set(POLICY_SETTINGS) - set(cls.settings):
+            defaults = {s: getattr(KVEvictionConfig(), s) for s in POLICY_SETTINGS}
+            other = get_policy(name, **{**defaults, **base, setting: changed[setting]}).select(kv, 40)
+            assert torch.equal(other, reference), (name, setting)
+    # the settings ReST-KV declares do change its choice (beta and the projection's dtype are too small to matter here)
+    restkv = get_policy("restkv", window=16).select(kv, 40)
+    for setting in ("alpha", "kernel_size", "gqa_agg"):
+        assert not torch.equal(get_policy("restkv", window=16, **{setting: changed[setting]}).select(kv, 40), restkv)
+
+
+def test_a_setting_the_policy_ignores_is_warned_about_once():
+    import logging
+
+    from vllm_restkv import config as config_module
+
+    class Collect(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.WARNING)
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    logger, collect = logging.getLogger("vllm.restkv"), Collect()
+    logger.addHandler(collect)  # its own handler: vLLM's logging setup may stop propagation to the root logger
+    try:
+        config_module._warned.clear()
+        value = {"policy": "snapkv", "alpha": 1.0, "kernel_size": 1, "gqa_agg": "max"}
+        config = KVEvictionConfig.from_value(value)
+        assert config.ignored_settings() == ["alpha", "kernel_size"]
+        KVEvictionConfig.from_value(value)  # every process parses the config several times: one warning
+        assert collect.messages == [
+            "kv_eviction: policy 'snapkv' does not use alpha=1.0, kernel_size=1 (it uses: window, gqa_agg); only "
+            "requests that pick a policy using them through vllm_xargs are affected"]
+        assert KVEvictionConfig.from_value({"policy": "restkv", "alpha": 1.0}).ignored_settings() == []
+        assert KVEvictionConfig.from_value({"policy": "none", "window": 16}).ignored_settings() == ["window"]
+        assert collect.messages[-1] == "kv_eviction: window=16 not used: eviction is off (policy 'none')"
+        # defaults are not "changed", even when given explicitly (the CLI hands on full dicts)
+        assert KVEvictionConfig.from_value({"policy": "tova", "alpha": 0.3}).ignored_settings() == []
+    finally:
+        logger.removeHandler(collect)

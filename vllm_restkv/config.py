@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 from collections.abc import Mapping
 from typing import Any
 
 CONFIG_KEY = "kv_eviction"
 NO_EVICTION = "none"
+logger = logging.getLogger("vllm.restkv")
 
 
 class KVEvictionConfigError(ValueError):
@@ -58,6 +60,14 @@ class KVEvictionConfig:
         """The hyperparameters every policy is built with (`get_policy(name, **settings)`; each takes what it uses)."""
         return {name: getattr(self, name) for name in POLICY_SETTINGS}
 
+    def ignored_settings(self) -> list[str]:
+        """Policy settings changed from their defaults that the server's policy does not use (a request that picks
+        another policy through vllm_xargs may still use them). Changed, not given: the CLI hands on full dicts."""
+        from vllm_restkv.policies import POLICIES
+
+        used, defaults = POLICIES[self.policy].settings, KVEvictionConfig()
+        return [name for name in POLICY_SETTINGS if name not in used and getattr(self, name) != getattr(defaults, name)]
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -97,6 +107,7 @@ class KVEvictionConfig:
                 kwargs[f.name] = _coerce(f.name, value[f.name], type(getattr(defaults, f.name)))
         config = cls(**kwargs)
         config.validate()
+        _warn_ignored_settings(config)
         return config
 
     @classmethod
@@ -145,6 +156,29 @@ GQA_AGGREGATIONS = ("mean", "max", "mean_raw", "layer")  # vllm_restkv.scoring.G
 PROJECTION_DTYPES = ("auto", "float32", "bfloat16")  # vllm_restkv.scoring.PROJECTION_DTYPES
 # Fields handed to the policies; the others (policy, budget, where eviction runs, overrides) steer the engine.
 POLICY_SETTINGS = ("window", "alpha", "beta", "kernel_size", "gqa_agg", "projection_dtype")
+
+
+_warned: set[str] = set()
+
+
+def _warn_ignored_settings(config: KVEvictionConfig) -> None:
+    """A setting the policy ignores is most likely a mistake (e.g. alpha with --kv-eviction snapkv), but requests
+    may switch policies, so it is a warning (once per process), not an error."""
+    ignored = config.ignored_settings()
+    if not ignored:
+        return
+    from vllm_restkv.policies import POLICIES
+
+    values = ", ".join(f"{name}={getattr(config, name)!r}" for name in ignored)
+    if config.enabled:
+        message = (f"kv_eviction: policy {config.policy!r} does not use {values} (it uses: "
+                   f"{', '.join(POLICIES[config.policy].settings)}); only requests that pick a policy using "
+                   f"{'them' if len(ignored) > 1 else 'it'} through vllm_xargs are affected")
+    else:
+        message = f"kv_eviction: {values} not used: eviction is off (policy 'none')"
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning(message)
 
 
 def _coerce(name: str, value: Any, kind: type) -> Any:

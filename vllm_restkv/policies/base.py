@@ -87,6 +87,9 @@ class EvictionPolicy:
     needs_o_proj: ClassVar[bool] = False
     needs_query: ClassVar[bool] = True  # False: `kv.query` may be None
     uniform_budget: ClassVar[bool] = True  # False: keeps a per-layer count (not usable with one block table)
+    # The engine's policy settings (config.POLICY_SETTINGS) this policy uses; it is built with all of them and
+    # ignores the rest (the config warns when one of those is changed, report.py names runs after the used ones).
+    settings: ClassVar[tuple[str, ...]] = ("window",)
 
     def __init__(self, window: int = 32, gqa_agg: str = "mean", **_hyperparams):
         """Unknown hyperparameters are ignored: the engine passes the same settings to every policy."""

@@ -10,6 +10,7 @@ from vllm_restkv.policies.base import EvictionPolicy, LayerKV
 class NoEviction(EvictionPolicy):
     name = "none"
     needs_query = False
+    settings = ()
 
     def prefix_scores(self, kv: LayerKV, n: int) -> torch.Tensor:
         return torch.full((kv.num_kv_heads, kv.length - self.window), float("inf"), device=kv.key.device)

@@ -19,6 +19,7 @@ def snapkv_scores(kv: LayerKV, window: int, pool_kernel: int, gqa_agg: str) -> t
 
 class SnapKV(EvictionPolicy):
     name = "snapkv"
+    settings = ("window", "gqa_agg")
 
     def __init__(self, window: int = 32, pool_kernel: int = 5, gqa_agg: str = "mean", **_):
         super().__init__(window=window, gqa_agg=gqa_agg)
