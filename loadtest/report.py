@@ -172,6 +172,22 @@ def paired_kl_intervals(acc: dict | list[dict], resamples: int = 2000, seed: int
     return [*out, ""] if len(out) > 2 else []
 
 
+def pooled_accuracy(runs: list[dict]) -> list[str]:
+    """Paired KL intervals pooled over draws of the data set: runs on the same draw (same data) are merged first
+    (merge_accuracy: e.g. an ablation run next to its baselines' run), then the draws pooled; restkv and every restkv
+    setting of the merged runs is paired with the baselines (a setting also with restkv's defaults, where present)."""
+    draws = {}
+    for run in runs:
+        draws.setdefault(run["data"]["sha256"], []).append(run)
+    merged = [merge_accuracy(group) for group in draws.values()]
+    subjects = sorted({r["policy"] for m in merged for r in m.get("raw", []) if r["policy"].split(" ")[0] == "restkv"})
+    lines = [f"{len(runs)} run(s), {len(merged)} draw(s) of the data set.", ""]
+    for subject in subjects or ["restkv"]:
+        baselines = BASELINES + (("restkv",) if subject != "restkv" else ())
+        lines += paired_kl_intervals(merged, baselines=baselines, subject=subject)
+    return lines
+
+
 def verdict_vs_baselines(agg: list[dict]) -> list[str]:
     """The issue's fidelity target: restkv better than snapkv/h2o/tova at every budget <= 512 (lower KL)."""
     out = ["ReST-KV vs the attention-weight baselines at equal budgets (lower KL is better):", ""]
@@ -414,7 +430,8 @@ def main(argv=None) -> int:
     p.add_argument("--plots", type=Path)
     p.add_argument("--pool-accuracy", type=Path, nargs="+", default=None, metavar="JSON",
                    help="only print the paired KL intervals of these bench_accuracy.py runs pooled (different draws "
-                        "of the data set: more items, tighter intervals), then exit")
+                        "of the data set: more items, tighter intervals; runs on the same draw are merged first), "
+                        "then exit")
     p.add_argument("--pool-load", type=Path, nargs="+", default=None, metavar="JSON",
                    help="only print each cell's requests/s relative to none, run by run, with the median and range "
                         "over these bench_load.py runs (repeats of one set-up), then exit")
@@ -422,9 +439,12 @@ def main(argv=None) -> int:
     p.add_argument("--preamble", default="", help="text placed first in the section (e.g. the machine)")
     args = p.parse_args(argv)
     if args.pool_accuracy:
-        runs = [json.loads(f.read_text()) for f in args.pool_accuracy]
+        try:
+            lines = pooled_accuracy([json.loads(f.read_text()) for f in args.pool_accuracy])
+        except ValueError as e:
+            p.error(str(e))
         print(f"Pooled over {', '.join(str(f) for f in args.pool_accuracy)}:\n")
-        print("\n".join(paired_kl_intervals(runs)))
+        print("\n".join(lines))
         return 0
     if args.pool_load:
         try:

@@ -124,13 +124,14 @@ def test_paired_kl_intervals_pool_runs_without_mixing_their_items(tmp_path):
     sys.path.insert(0, str(REPO / "loadtest"))
     import report
 
-    def run(restkv_kl: list[float], tova_kl: list[float]) -> dict:
+    def run(restkv_kl: list[float], tova_kl: list[float] | None, draw: str = "a", config: dict | None = None) -> dict:
         raw = [{"policy": p, "budget": 256, "item": f"item-{i}", "kl": kl}
-               for p, kls in (("restkv", restkv_kl), ("tova", tova_kl)) for i, kl in enumerate(kls)]
-        return {"raw": raw}
+               for p, kls in (("restkv", restkv_kl), ("tova", tova_kl or [])) for i, kl in enumerate(kls)]
+        return {"raw": raw, "rows": [], "data": {"sha256": draw}, "items": [{"p_full": 0.5}] * 3,
+                "command": "bench_accuracy.py", "seconds": 1.0, "policy_config": config}
 
     # run a: restkv 0.1 closer on every item; run b: the same ids, restkv 0.3 further on every item
-    a, b = run([0.5, 0.6, 0.7], [0.6, 0.7, 0.8]), run([0.9, 1.0, 1.1], [0.6, 0.7, 0.8])
+    a, b = run([0.5, 0.6, 0.7], [0.6, 0.7, 0.8]), run([0.9, 1.0, 1.1], [0.6, 0.7, 0.8], draw="b")
     alone = [line for line in report.paired_kl_intervals(a) if "vs tova" in line]
     assert len(alone) == 1 and "-0.1000" in alone[0] and "over 3 items: restkv closer" in alone[0]
     pooled = [line for line in report.paired_kl_intervals([a, b]) if "vs tova" in line]
@@ -144,6 +145,16 @@ def test_paired_kl_intervals_pool_runs_without_mixing_their_items(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "loadtest" / "report.py"), "--pool-accuracy", *map(str, files)],
                           capture_output=True, text=True, timeout=120, check=True)
     assert "budget 256, vs tova: +0.1000" in proc.stdout and "over 6 items" in proc.stdout
+    # an ablation run on draw a is merged with that draw's run (its setting pairs with a's tova and restkv), then
+    # pooled with draw b, which has no such setting
+    files.append(tmp_path / "a-alpha1.json")
+    files[-1].write_text(json.dumps(run([0.3, 0.4, 0.5], None, config={"alpha": 1.0})))
+    proc = subprocess.run([sys.executable, str(REPO / "loadtest" / "report.py"), "--pool-accuracy", *map(str, files)],
+                          capture_output=True, text=True, timeout=120, check=True)
+    assert "3 run(s), 2 draw(s)" in proc.stdout
+    assert 'restkv {"alpha": 1.0} KL minus baseline KL' in proc.stdout
+    assert "budget 256, vs tova: -0.3000 [-0.3000, -0.3000] over 3 items" in proc.stdout
+    assert "budget 256, vs restkv: -0.2000 [-0.2000, -0.2000] over 3 items" in proc.stdout
     proc = subprocess.run([sys.executable, str(REPO / "loadtest" / "report.py")], capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == 2 and "--markdown and --plots are required" in proc.stderr
