@@ -438,22 +438,15 @@ def main(argv=None) -> int:
     p.add_argument("--agreement", type=float, default=0.95)
     p.add_argument("--preamble", default="", help="text placed first in the section (e.g. the machine)")
     args = p.parse_args(argv)
-    if args.pool_accuracy:
-        try:
-            lines = pooled_accuracy([json.loads(f.read_text()) for f in args.pool_accuracy])
-        except ValueError as e:
-            p.error(str(e))
-        print(f"Pooled over {', '.join(str(f) for f in args.pool_accuracy)}:\n")
-        print("\n".join(lines))
-        return 0
-    if args.pool_load:
-        try:
-            lines = pooled_load_ratios([json.loads(f.read_text()) for f in args.pool_load])
-        except ValueError as e:
-            p.error(str(e))
-        print(f"Pooled over {', '.join(str(f) for f in args.pool_load)}:\n")
-        print("\n".join(lines))
-        return 0
+    for files, pool in ((args.pool_accuracy, pooled_accuracy), (args.pool_load, pooled_load_ratios)):
+        if files:
+            try:
+                lines = pool([json.loads(f.read_text()) for f in files])
+            except ValueError as e:
+                p.error(str(e))
+            print(f"Pooled over {', '.join(str(f) for f in files)}:\n")
+            print("\n".join(lines))
+            return 0
     if args.markdown is None or args.plots is None:
         p.error("--markdown and --plots are required (unless --pool-accuracy or --pool-load)")
     try:
