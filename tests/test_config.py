@@ -270,5 +270,9 @@ def test_a_setting_the_policy_ignores_is_warned_about_once():
         assert collect.messages[-1] == "kv_eviction: window=16 not used: eviction is off (policy 'none')"
         # defaults are not "changed", even when given explicitly (the CLI hands on full dicts)
         assert KVEvictionConfig.from_value({"policy": "tova", "alpha": 0.3}).ignored_settings() == []
+        # through the `vllm serve` flags
+        args = _parser().parse_args(["--kv-eviction", "tova", "--kv-eviction-config", '{"kernel_size": 1}'])
+        cli_args.merge_cli_args_into(_EngineArgs(), args)
+        assert collect.messages[-1].startswith("kv_eviction: policy 'tova' does not use kernel_size=1 (it uses: window)")
     finally:
         logger.removeHandler(collect)
