@@ -190,6 +190,11 @@ def test_onednn_primitive_cache_is_turned_off_on_cpu_unless_the_user_set_it(monk
     assert os.environ[plugin.ONEDNN_CACHE_ENV] == "1024" and plugin._ONEDNN_MARKER not in os.environ
 
 
+# A value other than the default for every policy setting (config.POLICY_SETTINGS)
+NON_DEFAULT_SETTINGS = {"window": 16, "alpha": 0.5, "beta": 100.0, "kernel_size": 3, "gqa_agg": "max",
+                        "projection_dtype": "float32"}
+
+
 def test_every_policy_setting_reaches_the_policies():
     """What the engine builds its policies with (WorkerEviction._policy): every hyperparameter of the config, set to
     a non-default value, ends up on the policy; and every config field is either handed over or steers the engine, so
@@ -200,8 +205,7 @@ def test_every_policy_setting_reaches_the_policies():
     engine_fields = {"policy", "budget", "evict_after_prefill", "evict_during_prefill", "decode_interval",
                      "allow_request_override"}
     assert set(KVEvictionConfig.field_names()) == engine_fields | set(POLICY_SETTINGS)
-    changed = {"window": 16, "alpha": 0.5, "beta": 100.0, "kernel_size": 3, "gqa_agg": "max",
-               "projection_dtype": "float32"}
+    changed = NON_DEFAULT_SETTINGS
     assert set(changed) == set(POLICY_SETTINGS)
     config = KVEvictionConfig.from_value({"policy": "restkv", "budget": 64, **changed})
     policy = get_policy("restkv", **config.policy_settings())
@@ -218,8 +222,8 @@ def test_policies_declare_the_settings_they_use_and_ignore_the_others():
     from vllm_restkv.config import POLICY_SETTINGS
     from vllm_restkv.policies import POLICIES, LayerKV, get_policy
 
-    changed = {"window": 16, "alpha": 0.5, "beta": 100.0, "kernel_size": 3, "gqa_agg": "max",
-               "projection_dtype": "float32"}
+    changed = NON_DEFAULT_SETTINGS
+    defaults = KVEvictionConfig().policy_settings()
     torch.manual_seed(0)
     h, h_kv, d, length = 4, 2, 8, 96
     weight = torch.randn(32, h * d)
@@ -232,7 +236,6 @@ def test_policies_declare_the_settings_they_use_and_ignore_the_others():
         base = {s: changed[s] for s in cls.settings}
         reference = get_policy(name, **base).select(kv, 40)
         for setting in set(POLICY_SETTINGS) - set(cls.settings):
-            defaults = {s: getattr(KVEvictionConfig(), s) for s in POLICY_SETTINGS}
             other = get_policy(name, **{**defaults, **base, setting: changed[setting]}).select(kv, 40)
             assert torch.equal(other, reference), (name, setting)
     # the settings ReST-KV declares do change its choice (beta and the projection's dtype are too small to matter here)
