@@ -18,6 +18,12 @@ Measured per policy x budget x length, against the full cache:
   the remaining mass (a token missing from the evicted top-k gets the evicted distribution's smallest listed
   probability: an upper bound for an unlisted token);
 - needles: retrieval accuracy (the password appears in the greedy answer).
+
+`--kl-token N` moves the KL to the N-th generated token (greedy, so the tokens before it are the full cache's own as
+long as the evicted run generated the same ones; each item records whether it did, and the first token's KL too).
+With `--policy-config '{"evict_during_prefill": false}'` eviction runs once, after the whole prompt (the paper's
+setting: the question is in the observation window), and after the forward that gives the first token: its
+distribution is the full cache's, so the first token that shows what eviction lost is the second (`--kl-token 2`).
 """
 
 from __future__ import annotations
@@ -70,11 +76,16 @@ def kl_top(full: list[list], evicted: list[list]) -> float:
     return max(kl, 0.0)
 
 
+def generated_tokens(item: dict, kl_token: int) -> int:
+    return max(1 if item["kind"] == "thread" else NEEDLE_TOKENS, kl_token)
+
+
 def engine_spec(model: Path, items: list[dict], extra: list[dict | None], kv_eviction: dict | None, args) -> dict:
     return {
-        "model": str(model), "dtype": args.dtype, "max_model_len": max(i["prompt_tokens"] for i in items) + 64,
+        "model": str(model), "dtype": args.dtype, "max_model_len": max(i["prompt_tokens"] for i in items) + 64 + args.kl_token,
         "prompts": [i["prompt"] for i in items], "extra_args": extra, "logprobs": args.top_k, "top_logprobs": True,
-        "params": [{"max_tokens": 1 if i["kind"] == "thread" else NEEDLE_TOKENS, "ignore_eos": False} for i in items],
+        # ignore_eos when a later token is measured: an answer that ends at its first token still has a second
+        "params": [{"max_tokens": generated_tokens(i, args.kl_token), "ignore_eos": args.kl_token > 1} for i in items],
         "kv_eviction": kv_eviction,
         "llm": {"max_num_batched_tokens": args.chunk, "max_logprobs": args.top_k, "max_num_seqs": args.max_num_seqs,
                 "num_gpu_blocks_override": args.kv_blocks},
@@ -90,6 +101,9 @@ def main() -> int:
     p.add_argument("--budgets", nargs="+", type=int, default=[64, 128, 256, 512, 1024])
     p.add_argument("--chunk", type=int, default=512, help="max_num_batched_tokens (chunked prefill size)")
     p.add_argument("--top-k", type=int, default=100, help="logprobs per position used for KL and P(flagged)")
+    p.add_argument("--kl-token", type=int, default=1, metavar="N",
+                   help="compare the next-token distributions at the N-th generated token (default 1; 2 with "
+                        "evict_during_prefill false, whose first token comes from the full cache)")
     p.add_argument("--max-num-seqs", type=int, default=32)
     p.add_argument("--kv-blocks", type=int, default=None, help="KV cache size in blocks (default: vLLM's)")
     p.add_argument("--dtype", default=default_serving_dtype(), help=DTYPE_HELP)
@@ -97,6 +111,8 @@ def main() -> int:
                    help='more --kv-eviction-config settings for every policy run, e.g. \'{"kernel_size": 1}\' (ablations; '
                         "recorded in the result)")
     args = p.parse_args()
+    if args.kl_token < 1:
+        p.error(f"--kl-token must be 1 or more, got {args.kl_token}")
     from vllm_restkv.config import KVEvictionConfig, KVEvictionConfigError
 
     if not isinstance(args.policy_config, dict):
@@ -133,7 +149,9 @@ def measure(args) -> dict:
     log(f"{len(items)} items; full cache, then {len(args.policies)} policies x budgets {args.budgets}")
     full = run_driver(engine_spec(model, items, None, None, args))
     log(f"[1/{runs}] full cache done ({time.time() - started:.0f} s)")
-    reference = [{"top": full["top_logprobs"][k][0], "text": full["texts"][k]} for k in range(len(items))]
+    at = args.kl_token - 1
+    reference = [{"top": full["top_logprobs"][k][at], "first": full["top_logprobs"][k][0], "text": full["texts"][k],
+                  "tokens": list(full["tokens"][k])} for k in range(len(items))]
 
     requests = []  # (item index, policy, budget)
     for policy in args.policies:
@@ -152,20 +170,20 @@ def measure(args) -> dict:
             [{"kv_eviction": policy, "kv_eviction_budget": b} for _, _, b in mine],
             {**args.policy_config, "policy": policy, "budget": max(args.budgets)}, args))
         for j, (k, _, budget) in enumerate(mine):
-            raw.append({"item": k, "policy": policy, "budget": budget, "top": out["top_logprobs"][j][0],
-                        "text": out["texts"][j]})
+            raw.append({"item": k, "policy": policy, "budget": budget, "top": out["top_logprobs"][j][at],
+                        "first": out["top_logprobs"][j][0], "text": out["texts"][j], "tokens": list(out["tokens"][j])})
         per_run = (time.time() - started) / n
         log(f"[{n}/{runs}] {policy}: {len(mine)} requests in {time.time() - t0:.0f} s "
             f"(about {per_run * (runs - n) / 60:.1f} min left)")
 
-    thread_scores = [p_flagged(reference[k]["top"], yes_ids, no_ids) for k, i in enumerate(items) if i["kind"] == "thread"]
+    thread_scores = [p_flagged(reference[k]["first"], yes_ids, no_ids) for k, i in enumerate(items) if i["kind"] == "thread"]
     threshold = statistics.median(thread_scores) if thread_scores else 0.5
     per_item = []
     for k, item in enumerate(items):
         ref = reference[k]
         per_item.append({"id": item["id"], "kind": item["kind"], "label": item.get("label"),
                          "length": item["target_tokens"], "prompt_tokens": item["prompt_tokens"],
-                         "p_full": p_flagged(ref["top"], yes_ids, no_ids) if item["kind"] == "thread" else None,
+                         "p_full": p_flagged(ref["first"], yes_ids, no_ids) if item["kind"] == "thread" else None,
                          "needle_full": (item["answer"].lower() in ref["text"].lower()) if item["kind"] == "needle" else None})
     rows = [summarise("none", None, None, [(items[k], per_item[k], None) for k in range(len(items))], threshold)]
     for policy in args.policies:
@@ -178,8 +196,11 @@ def measure(args) -> dict:
                         continue
                     ref = reference[r["item"]]
                     measured = {"kl": kl_top(ref["top"], r["top"])}
+                    if args.kl_token > 1:  # conditioned on the same tokens as the full cache's, or not
+                        measured["same_prefix"] = r["tokens"][:at] == ref["tokens"][:at]
+                        measured["kl_first"] = kl_top(ref["first"], r["first"])
                     if item["kind"] == "thread":
-                        measured["p"] = p_flagged(r["top"], yes_ids, no_ids)
+                        measured["p"] = p_flagged(r["first"], yes_ids, no_ids)
                     else:
                         measured["needle"] = item["answer"].lower() in r["text"].lower()
                     r.update(measured)  # per item in the JSON too: the report pairs policies item by item
@@ -192,10 +213,11 @@ def measure(args) -> dict:
     return {"date": time.strftime("%Y-%m-%d"), "command": "python " + " ".join(sys.argv), "model": str(model.name),
             "data": {"name": manifest["name"], "version": manifest["version"], "params": manifest["params"],
                      "sha256": manifest["items_jsonl_sha256"]},
-            "chunk": args.chunk, "dtype": args.dtype, "top_k": args.top_k, "threshold": threshold,
+            "chunk": args.chunk, "dtype": args.dtype, "top_k": args.top_k, "kl_token": args.kl_token,
+            "threshold": threshold,
             "policy_config": args.policy_config,
             "seconds": time.time() - started, "rows": rows, "items": per_item,
-            "raw": [{k: v for k, v in r.items() if k != "top"} for r in raw]}
+            "raw": [{k: v for k, v in r.items() if k not in ("top", "first", "tokens")} for r in raw]}
 
 
 def summarise(policy: str, budget: int | None, length: int | None, group: list, threshold: float) -> dict:
@@ -216,6 +238,9 @@ def summarise(policy: str, budget: int | None, length: int | None, group: list, 
         row["auroc"] = auroc(scores, labels) if 0 < sum(labels) < len(labels) else None
         row["recall"] = sum(f for f, y in zip(flags, labels) if y) / max(sum(labels), 1)
     row["kl"] = 0.0 if full else statistics.mean(m["kl"] for _, _, m in group)
+    if not full and "same_prefix" in group[0][2]:
+        row["same_prefix"] = statistics.mean(float(m["same_prefix"]) for _, _, m in group)
+        row["kl_first"] = statistics.mean(m["kl_first"] for _, _, m in group)
     if needles:
         row["needle_accuracy"] = statistics.mean(
             float(ref["needle_full"] if full else m["needle"]) for _, ref, m in needles)
@@ -223,17 +248,21 @@ def summarise(policy: str, budget: int | None, length: int | None, group: list, 
 
 
 def print_table(result: dict) -> None:
+    later = result.get("kl_token", 1) > 1
     print(f"{result['data']['name']} v{result['data']['version']}, model {result['model']}, chunk {result['chunk']}, "
-          f"verdict threshold {result['threshold']:.3f} (full-cache median)")
-    print("| policy | budget | length | compression | agreement | mean abs dP | KL | needle acc | AUROC |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          f"verdict threshold {result['threshold']:.3f} (full-cache median), KL at generated token "
+          f"{result.get('kl_token', 1)}")
+    extra = " KL at token 1 | same tokens before |" if later else ""
+    print(f"| policy | budget | length | compression | agreement | mean abs dP | KL | needle acc | AUROC |{extra}")
+    print("|---|---|---|---|---|---|---|---|---|" + ("---|---|" if later else ""))
     for r in result["rows"]:
         if r["length"] is None and r["policy"] != "none":
             continue
         f = lambda key, fmt: (fmt.format(r[key]) if r.get(key) is not None else "-")  # noqa: E731
         print(f"| {r['policy']} | {r['budget'] or 'full'} | {r['length'] or 'all'} | {r['compression']:.1f}x | "
               f"{f('agreement', '{:.3f}')} | {f('mean_abs_dp', '{:.4f}')} | {f('kl', '{:.4f}')} | "
-              f"{f('needle_accuracy', '{:.2f}')} | {f('auroc', '{:.3f}')} |")
+              f"{f('needle_accuracy', '{:.2f}')} | {f('auroc', '{:.3f}')} |"
+              + (f" {f('kl_first', '{:.4f}')} | {f('same_prefix', '{:.2f}')} |" if later else ""))
     print(f"\ncommand: {result['command']}")
 
 

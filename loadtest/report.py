@@ -61,6 +61,9 @@ def check_same_items(runs: list[dict]) -> None:
     for run in runs[1:]:
         if run["data"]["sha256"] != base["data"]["sha256"]:
             raise ValueError("the runs used different data sets")
+        if run.get("kl_token", 1) != base.get("kl_token", 1):
+            raise ValueError(f"the runs measured KL at different generated tokens ({base.get('kl_token', 1)} and "
+                             f"{run.get('kl_token', 1)}, --kl-token)")
         if [i["p_full"] for i in run["items"]] != [i["p_full"] for i in base["items"]]:
             raise ValueError("the full cache's results differ between the runs: items cannot be paired")
 
@@ -79,11 +82,15 @@ def settings_name(policy: str, config: dict | None) -> str:
 def merge_accuracy(runs: list[dict]) -> dict:
     """Several bench_accuracy.py runs on the same items as one (baselines from one run, a restkv setting from
     another). A run's policies are named after the settings of its --policy-config that apply to them
-    (`settings_name`), so that an ablation and the defaults can sit in one table and plot; the same name from two
-    runs is refused. The runs must pass `check_same_items`."""
+    (`settings_name`), so that an ablation and the defaults can sit in one table and plot; the same name at the same
+    budget from two runs is refused (at other budgets it extends the first run's). Settings that every run shares
+    (e.g. `evict_during_prefill` false for all) stay out of the names: they are the merged run's `policy_config`.
+    The runs must pass `check_same_items`."""
     check_same_items(runs)
+    configs = [run.get("policy_config") or {} for run in runs]
+    common = {k: v for k, v in configs[0].items() if all(k in c and c[k] == v for c in configs[1:])}
     merged = dict(runs[0], rows=[], raw=[], command=" ; ".join(r["command"] for r in runs),
-                  seconds=sum(r["seconds"] for r in runs), policy_config=None)
+                  seconds=sum(r["seconds"] for r in runs), policy_config=common or None)
     owner = {}  # name -> the run it came from
     for i, run in enumerate(runs):
         for key in ("rows", "raw"):
@@ -92,10 +99,10 @@ def merge_accuracy(runs: list[dict]) -> dict:
                     if i == 0:  # the full cache once
                         merged[key].append(r)
                     continue
-                name = settings_name(r["policy"], run.get("policy_config"))
-                if owner.setdefault(name, i) != i:
-                    raise ValueError(f"{name} is in runs {owner[name] + 1} and {i + 1} with the same settings; "
-                                     "leave it out of one of them")
+                name = settings_name(r["policy"], {k: v for k, v in configs[i].items() if k not in common})
+                if owner.setdefault((name, r["budget"]), i) != i:
+                    raise ValueError(f"{name} at budget {r['budget']} is in runs {owner[name, r['budget']] + 1} and "
+                                     f"{i + 1} with the same settings; leave it out of one of them")
                 merged[key].append({**r, "policy": name})
     return merged
 
@@ -103,6 +110,14 @@ def merge_accuracy(runs: list[dict]) -> dict:
 def dtype_note(result: dict) -> str:
     """", float32" for results that record their serving dtype (older ones did not: bfloat16 then)."""
     return f", {result['dtype']}" if result.get("dtype") else ""
+
+
+def eviction_when(acc: dict) -> str:
+    config = acc.get("policy_config") or {}
+    said = (f"every policy with {json.dumps(config, sort_keys=True)}, " if config else "")
+    if config.get("evict_during_prefill") is False:
+        return said + "eviction runs once, after the whole prompt (the question in the observation window)"
+    return said + "eviction runs at every chunk boundary"
 
 
 def fmt(value, spec: str) -> str:
@@ -113,11 +128,12 @@ def accuracy_section(acc: dict, agg: list[dict]) -> list[str]:
     d = acc["data"]
     lines = [
         f"**Fidelity to the full cache** ({acc['date']}; model {acc['model']}{dtype_note(acc)}; data `{d['name']}` v{d['version']} "
-        f"{d['params']}, sha256 `{d['sha256'][:16]}`; chunked prefill {acc['chunk']}, so eviction runs at every "
-        f"chunk boundary; {acc['seconds'] / 60:.0f} min). Command: `{acc['command']}`",
+        f"{d['params']}, sha256 `{d['sha256'][:16]}`; chunked prefill {acc['chunk']}, so {eviction_when(acc)}; "
+        f"{acc['seconds'] / 60:.0f} min). Command: `{acc['command']}`",
         "",
         "Means over all lengths. Agreement: same verdict as the full cache (threshold = the full cache's median "
-        f"P(flagged), {acc['threshold']:.3f}); KL: next-token KL(full || evicted), threads and needles; needle: "
+        f"P(flagged), {acc['threshold']:.3f}); KL: next-token KL(full || evicted) at generated token "
+        f"{acc.get('kl_token', 1)}, threads and needles; needle: "
         "password retrieved (the full cache: "
         f"{fmt(next(r for r in acc['rows'] if r['policy'] == 'none' and r['length'] is None).get('needle_accuracy'), '.2f')}).",
         "",
@@ -136,28 +152,33 @@ def accuracy_section(acc: dict, agg: list[dict]) -> list[str]:
                      f"{fmt(r.get('agreement'), '.3f')} | {fmt(r['kl'], '.4f')} | {fmt(r.get('needle_accuracy'), '.2f')} | "
                      f"{fmt(r.get('auroc'), '.3f')} |")
     lines += ["", *verdict_vs_baselines(agg), *paired_kl_intervals(acc)]
+    kinds = sorted({i.get("kind") for i in acc.get("items", [])} - {None})
+    for kind in kinds if len(kinds) > 1 else []:  # threads and needles measure different things
+        lines += paired_kl_intervals(acc, kind=kind)
     for variant in sorted({r["policy"] for r in agg if r["policy"].startswith("restkv ")}):  # merged settings
         lines += paired_kl_intervals(acc, subject=variant)
     return lines
 
 
 def paired_kl_intervals(acc: dict | list[dict], resamples: int = 2000, seed: int = 0,
-                        baselines: tuple[str, ...] = BASELINES, subject: str = "restkv") -> list[str]:
+                        baselines: tuple[str, ...] = BASELINES, subject: str = "restkv",
+                        kind: str | None = None) -> list[str]:
     """Mean per-item KL difference `subject` (restkv, or a restkv setting of a merged run) - each of `baselines` at
     each budget <= 512 with a 95% paired bootstrap interval (same items, resampled together): whether a ranking
     between policies is more than the choice of items. Several runs (on different draws of the data set) are pooled:
-    items are told apart by run."""
+    items are told apart by run. `kind` ("thread" or "needle"): those items only."""
     import random
 
     per = {}
     for run, result in enumerate(acc if isinstance(acc, list) else [acc]):
         for r in result.get("raw", []):
-            if "kl" in r:
+            if "kl" in r and (kind is None or result["items"][r["item"]]["kind"] == kind):
                 per.setdefault((r["policy"], r["budget"]), {})[(run, r["item"])] = r["kl"]
     if not per:
         return ["Per-item KL is not in this run's JSON (older bench_accuracy.py), so no intervals.", ""]
     rng = random.Random(seed)
-    out = [f"Paired by item, {subject} KL minus baseline KL (mean, 95% bootstrap interval; below 0 = {subject} "
+    which = f", {kind}s only" if kind else ""
+    out = [f"Paired by item{which}, {subject} KL minus baseline KL (mean, 95% bootstrap interval; below 0 = {subject} "
            "closer to the full cache; an interval across 0 does not separate them):", ""]
     for (policy, budget), baseline in sorted(per.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         mine = per.get((subject, budget))
@@ -180,6 +201,11 @@ def pooled_accuracy(runs: list[dict]) -> list[str]:
     for run in runs:
         draws.setdefault(run["data"]["sha256"], []).append(run)
     merged = [merge_accuracy(group) for group in draws.values()]
+    for m in merged[1:]:  # a name means the same settings and the same measurement in every draw
+        for key, what, default in (("policy_config", "settings shared by all their runs", None),
+                                   ("kl_token", "--kl-token", 1)):
+            if m.get(key, default) != merged[0].get(key, default):
+                raise ValueError(f"the draws differ in {what}: {merged[0].get(key, default)} and {m.get(key, default)}")
     subjects = sorted({r["policy"] for m in merged for r in m.get("raw", []) if r["policy"].split(" ")[0] == "restkv"})
     lines = [f"{len(runs)} run(s), {len(merged)} draw(s) of the data set.", ""]
     for subject in subjects or ["restkv"]:

@@ -159,6 +159,32 @@ def test_paired_kl_intervals_pool_runs_without_mixing_their_items(tmp_path):
                           timeout=120)
     assert proc.returncode == 2 and "--markdown and --plots are required" in proc.stderr
 
+    # a draw whose runs all share a setting (its names leave it out) does not pool with a draw without it, nor one
+    # measured at another generated token
+    after = run([0.1, 0.2, 0.3], [0.6, 0.7, 0.8], draw="c", config={"evict_during_prefill": False})
+    assert [r["policy"] for r in report.merge_accuracy([after])["raw"]][:1] == ["restkv"]
+    with pytest.raises(ValueError, match="the draws differ in settings shared by all their runs"):
+        report.pooled_accuracy([a, after])
+    with pytest.raises(ValueError, match="the draws differ in --kl-token: 1 and 2"):
+        report.pooled_accuracy([a, {**b, "kl_token": 2}])
+
+
+def test_paired_kl_intervals_per_item_kind():
+    """Threads and needles measure different things: intervals over one kind use only its items."""
+    sys.path.insert(0, str(REPO / "loadtest"))
+    import report
+
+    kinds = ["thread", "needle", "needle"]
+    restkv, tova = [0.5, 0.1, 0.2], [0.3, 0.4, 0.6]  # tova closer on the thread, restkv on both needles
+    raw = [{"policy": p, "budget": 128, "item": i, "kl": kl} for p, kls in (("restkv", restkv), ("tova", tova))
+           for i, kl in enumerate(kls)]
+    acc = {"raw": raw, "items": [{"kind": k} for k in kinds]}
+    needles = [line for line in report.paired_kl_intervals(acc, kind="needle") if "vs tova" in line]
+    threads = [line for line in report.paired_kl_intervals(acc, kind="thread") if "vs tova" in line]
+    assert "needles only" in report.paired_kl_intervals(acc, kind="needle")[0]
+    assert len(needles) == 1 and "-0.3500" in needles[0] and "over 2 items: restkv closer" in needles[0]
+    assert len(threads) == 1 and "+0.2000" in threads[0] and "over 1 items: tova closer" in threads[0]
+
 
 def test_accuracy_policy_config_refuses_what_it_cannot_set():
     """--policy-config (ablations) takes eviction settings only: the policy and budget come from --policies and
@@ -179,6 +205,32 @@ def test_accuracy_policy_config_refuses_what_it_cannot_set():
                            "--out", "unused.json", "--policies", "restkv", "snapkv", "--budgets", "16"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "budget 16 is smaller than the observation window 32" in proc.stderr
+
+
+def test_accuracy_after_prefill_measures_the_second_token(tmp_path):
+    """With evict_during_prefill false the plugin evicts once, after the forward of the prompt's last chunk: the first
+    generated token comes from the full cache (its KL is 0 for every item), and `--kl-token 2` measures what
+    eviction lost at the next one, conditioned on the same first token. Evicting at chunk boundaries instead changes
+    the first token already. Through the real engine, SmolLM2, ~600-token prompts, chunks of 256, budget 64."""
+    make_dataset(tmp_path / "data", "--lengths", "600", "--threads-per-length", "3", "--needles-per-length", "2")
+
+    def accuracy(name: str, *extra: str) -> dict:
+        out = tmp_path / f"{name}.json"
+        proc = subprocess.run([sys.executable, str(REPO / "loadtest" / "bench_accuracy.py"), "--data",
+                               str(tmp_path / "data"), "--out", str(out), "--policies", "restkv", "--budgets", "64",
+                               "--chunk", "256", "--kl-token", "2", *extra], capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert "KL at generated token 2" in proc.stdout
+        return json.loads(out.read_text())
+
+    after = accuracy("after", "--policy-config", '{"evict_during_prefill": false}')
+    assert after["kl_token"] == 2 and len(after["raw"]) == 5
+    # (up to the rounding of batches that differ between the two runs: 0 here when they do not)
+    assert all(r["kl_first"] < 2e-3 and r["same_prefix"] for r in after["raw"])
+    assert all(abs(r["p"] - after["items"][r["item"]]["p_full"]) < 0.02 for r in after["raw"] if "p" in r)
+    assert max(r["kl"] for r in after["raw"]) > 2e-3  # 9x compression changed the second token somewhere
+    during = accuracy("during")
+    assert max(r["kl_first"] for r in during["raw"]) > 0.02
 
 
 def test_pair_ablation_pairs_same_items_and_refuses_other_data(tmp_path):
@@ -254,12 +306,19 @@ def test_merge_accuracy_names_settings_and_refuses_other_items():
         "restkv", "tova"]
     renamed = report.merge_accuracy([base, run("tova", {"alpha": 1.0, "decode_interval": 0}, [0.1])])
     assert renamed["raw"][1]["policy"] == 'tova {"decode_interval": 0}'
-    with pytest.raises(ValueError, match="tova is in runs 1 and 2 with the same settings"):
+    with pytest.raises(ValueError, match="tova at budget 256 is in runs 1 and 2 with the same settings"):
         report.merge_accuracy([run("tova", None, [0.1]), run("tova", {"alpha": 1.0}, [0.1])])
+    # the same settings at another budget extend the first run (a budget added later)
+    more = run("restkv", None, [0.1])
+    more["rows"][1]["budget"] = more["raw"][0]["budget"] = 512
+    extended = report.merge_accuracy([base, more])
+    assert [(r["policy"], r["budget"]) for r in extended["raw"]] == [("restkv", 256), ("restkv", 512)]
     with pytest.raises(ValueError, match="different data sets"):
         report.merge_accuracy([base, run("tova", None, [0.1], sha="t")])
     with pytest.raises(ValueError, match="full cache's results differ"):
         report.merge_accuracy([base, run("tova", None, [0.2])])
+    with pytest.raises(ValueError, match=r"KL at different generated tokens \(1 and 2, --kl-token\)"):
+        report.merge_accuracy([base, {**run("tova", None, [0.1]), "kl_token": 2}])
 
 
 @pytest.mark.parametrize("mode", ["--quick", "--engine-sizes"])
