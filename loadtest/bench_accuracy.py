@@ -82,7 +82,8 @@ def generated_tokens(item: dict, kl_token: int) -> int:
 
 def engine_spec(model: Path, items: list[dict], extra: list[dict | None], kv_eviction: dict | None, args) -> dict:
     return {
-        "model": str(model), "dtype": args.dtype, "max_model_len": max(i["prompt_tokens"] for i in items) + 64 + args.kl_token,
+        "model": str(model), "dtype": args.dtype,
+        "max_model_len": max(i["prompt_tokens"] for i in items) + 64 + args.kl_token,
         "prompts": [i["prompt"] for i in items], "extra_args": extra, "logprobs": args.top_k, "top_logprobs": True,
         # ignore_eos when a later token is measured: an answer that ends at its first token still has a second
         "params": [{"max_tokens": generated_tokens(i, args.kl_token), "ignore_eos": args.kl_token > 1} for i in items],

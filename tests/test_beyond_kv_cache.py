@@ -67,6 +67,9 @@ def test_prompts_longer_than_the_cache_are_answered(small_cache_server):
         ({"kv_eviction": "none"}, "KV cache holds 896 tokens, fewer than --max-model-len 4096, so a request cannot "
                                   "turn eviction off"),
         ({"kv_eviction_budget": 700}, "a request would hold up to 956 tokens, but this server's KV cache holds 896"),
+        ({"kv_eviction_during_prefill": False}, "kv_eviction_during_prefill false: this server's KV cache holds 896 "
+                                                "tokens, fewer than --max-model-len 4096, and a request that is not "
+                                                "evicted during prefill holds its whole prompt"),
     ],
 )
 def test_requests_that_cannot_fit_get_400_and_harm_nobody(small_cache_server, xargs, message):

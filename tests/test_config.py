@@ -1,6 +1,7 @@
 """Eviction settings: parsing, defaults and the errors users see for bad values."""
 
 import argparse
+import dataclasses
 import logging
 import os
 import re
@@ -8,7 +9,7 @@ import re
 import pytest
 
 from vllm_restkv import cli_args
-from vllm_restkv.config import KVEvictionConfig, KVEvictionConfigError, available_policies
+from vllm_restkv.config import KVEvictionConfig, KVEvictionConfigError, available_policies, evicts_during_prefill
 
 
 def test_defaults_mean_no_eviction():
@@ -147,6 +148,9 @@ def test_engine_args_made_safe_for_eviction_and_unsupported_features_refused():
     ({"kv_eviction": "bogus"}, "unknown policy"),
     ({"kv_eviction": None}, "unknown policy"),
     ({"kv_eviction_bugdet": 64}, "unknown key 'kv_eviction_bugdet'"),
+    ({"kv_eviction_during_prefill": "later"}, "kv_eviction_during_prefill must be true or false, got 'later'"),
+    ({"kv_eviction_during_prefill": 2}, "must be true or false"),
+    ({"kv_eviction_during_prefill": 0.0}, "must be true or false"),
 ])
 def test_bad_request_settings_are_refused(xargs, fragment):
     from vllm_restkv.config import validate_request_args
@@ -156,13 +160,31 @@ def test_bad_request_settings_are_refused(xargs, fragment):
         validate_request_args(xargs, server)
 
 
+def test_a_server_without_request_overrides_refuses_every_per_request_key():
+    from vllm_restkv.config import validate_request_args
+
+    server = KVEvictionConfig.from_value({"policy": "restkv", "budget": 256, "allow_request_override": False})
+    validate_request_args({"kv_eviction": "restkv"}, server)  # its own policy: no override
+    for xargs in ({"kv_eviction": "tova"}, {"kv_eviction_budget": 128}, {"kv_eviction_during_prefill": False}):
+        with pytest.raises(KVEvictionConfigError, match="does not allow per-request eviction settings"):
+            validate_request_args(xargs, server)
+
+
 def test_good_and_foreign_request_settings_pass():
     from vllm_restkv.config import validate_request_args
 
     server = KVEvictionConfig.from_value({"policy": "restkv", "budget": 256})
     for xargs in ({"kv_eviction_budget": 64}, {"kv_eviction": "none"}, {"kv_eviction": " SnapKV "},
-                  {"other_plugin_key": 1}, None):
+                  {"kv_eviction_during_prefill": False}, {"other_plugin_key": 1}, None):
         validate_request_args(xargs, server)
+    # vLLM's schema for vllm_xargs has no booleans: JSON false reaches the plugin as 0
+    for value, during in ((False, False), (0, False), ("false", False), (" False ", False), (True, True), (1, True),
+                          ("true", True)):
+        validate_request_args({"kv_eviction_during_prefill": value}, server)
+        assert evicts_during_prefill({"kv_eviction_during_prefill": value}, server) is during
+    assert evicts_during_prefill(None, server) is True
+    no_overrides = dataclasses.replace(server, allow_request_override=False)
+    assert evicts_during_prefill({"kv_eviction_during_prefill": False}, no_overrides) is True
 
 
 def test_onednn_primitive_cache_is_turned_off_on_cpu_unless_the_user_set_it(monkeypatch, caplog):

@@ -205,6 +205,34 @@ def test_mixed_batch_with_per_request_settings(tiny_model):
     assert result["final_free_blocks"] == result["idle_free_blocks"]
 
 
+def test_a_request_can_defer_eviction_to_the_end_of_its_prompt(tiny_model):
+    """`vllm_xargs.kv_eviction_during_prefill` false: that request is evicted once, after its whole prompt (the
+    paper's setting), while the other is evicted at every chunk boundary; the deferred one holds its whole prompt
+    until then and is admitted by it."""
+    prompts = [prompt_ids(900, seed=60), prompt_ids(900, seed=61)]
+    result = run_engine({
+        "model": str(tiny_model), "prompts": prompts, "max_tokens": 4,
+        "kv_eviction": {"policy": "restkv", "budget": 128},
+        "extra_args": [None, {"kv_eviction_during_prefill": False}],
+        "llm": {"max_num_batched_tokens": 256, "max_num_seqs": 4},
+    })
+    # at 256, 512, 768 and after the prompt (900) for the first; after the prompt only for the second
+    assert result["stats"]["events"] == {"prefill": 5}
+    # kept / held at each eviction: 128 of 256, 512 and 768 tokens, then 128 of 900 for each request
+    assert sorted(result["stats"]["kept_ratios"]) == pytest.approx(sorted([128 / 256, 128 / 512, 128 / 768] +
+                                                                          [128 / 900] * 2))
+    most = {}
+    for step in result["trace"]["req_blocks"]:
+        for rid, n in step.items():
+            most[rid] = max(most.get(rid, 0), n)
+    # (traced after each step) at most 128 + one chunk of 256 tokens: 3 blocks; the deferred request held its prompt
+    # up to the last chunk (768 tokens: 6 blocks) and more
+    at_chunks, deferred = sorted(most.values())
+    assert at_chunks <= 3 and deferred >= 6
+    assert all(len(t) == 4 for t in result["tokens"])
+    assert result["final_free_blocks"] == result["idle_free_blocks"]
+
+
 def test_eviction_points_and_outputs_do_not_depend_on_load(tiny_model):
     """Three evicting requests of different lengths run as one batch and one at a time: under load the scheduler
     would cut prefill chunks elsewhere, but chunks of evicting requests end at multiples of the chunk size, so

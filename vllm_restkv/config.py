@@ -214,7 +214,7 @@ def _coerce(name: str, value: Any, kind: type) -> Any:
     return value.strip().lower() if name == "policy" else value
 
 
-REQUEST_KEYS = ("kv_eviction", "kv_eviction_budget")
+REQUEST_KEYS = ("kv_eviction", "kv_eviction_budget", "kv_eviction_during_prefill")
 MAX_BUDGET = 2**31 - 1  # token counts are int32 in vLLM's tensors; anything larger is a mistake
 # Set in each process that builds an engine config (the API server, `LLM(...)`), so requests can be checked there.
 _server_config: KVEvictionConfig | None = None
@@ -243,6 +243,36 @@ def set_engine_side_config(config: KVEvictionConfig) -> None:
     set_server_config(config, _server_vllm_config if same_process else None)
 
 
+def request_config(extra_args: Mapping[str, Any] | None, server: KVEvictionConfig) -> KVEvictionConfig:
+    """The server's settings with the request's evict_during_prefill (policy and budget are passed on separately)."""
+    during = evicts_during_prefill(extra_args, server)
+    return server if during == server.evict_during_prefill else dataclasses.replace(server, evict_during_prefill=during)
+
+
+def evicts_during_prefill(extra_args: Mapping[str, Any] | None, config: KVEvictionConfig) -> bool:
+    """Whether a request's prompt is evicted at chunk boundaries: its `vllm_xargs.kv_eviction_during_prefill` where
+    the server allows per-request settings, else the server's evict_during_prefill. False: one eviction after the
+    whole prompt (the paper's setting; the request holds its whole prompt until then)."""
+    if extra_args and config.allow_request_override and "kv_eviction_during_prefill" in extra_args:
+        return request_bool(extra_args["kv_eviction_during_prefill"])
+    return config.evict_during_prefill
+
+
+_BOOLS = {"true": True, "1": True, "false": False, "0": False}
+
+
+def request_bool(value: Any) -> bool:
+    """A yes/no from `vllm_xargs`: vLLM's schema for it has no booleans, so JSON true/false arrive as 1/0; strings
+    true/false/1/0 are taken too. Anything else raises KVEvictionConfigError."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in _BOOLS:
+        return _BOOLS[value.strip().lower()]
+    raise KVEvictionConfigError(f"vllm_xargs.kv_eviction_during_prefill must be true or false, got {value!r}")
+
+
 def validate_request_args(extra_args: Mapping[str, Any] | None, server: KVEvictionConfig | None = None) -> None:
     """Per-request settings from `vllm_xargs` (`extra_args`): raise KVEvictionConfigError (answered with 400)."""
     if not extra_args:
@@ -267,8 +297,11 @@ def validate_request_args(extra_args: Mapping[str, Any] | None, server: KVEvicti
             "vllm_xargs.kv_eviction: KV eviction is off on this server (started without --kv-eviction), "
             "so requests cannot turn it on"
         )
-    if not server.allow_request_override and (policy != server.policy or "kv_eviction_budget" in extra_args):
+    if not server.allow_request_override and (policy != server.policy or "kv_eviction_budget" in extra_args
+                                              or "kv_eviction_during_prefill" in extra_args):
         raise KVEvictionConfigError("vllm_xargs: this server does not allow per-request eviction settings")
+    if "kv_eviction_during_prefill" in extra_args:
+        request_bool(extra_args["kv_eviction_during_prefill"])
     if "kv_eviction_budget" in extra_args:
         budget = extra_args["kv_eviction_budget"]
         if isinstance(budget, bool) or not isinstance(budget, int):
@@ -282,4 +315,5 @@ def validate_request_args(extra_args: Mapping[str, Any] | None, server: KVEvicti
     if _server_vllm_config is not None and server.enabled:
         from vllm_restkv.engine.capacity import check_request_fits
 
-        check_request_fits(_server_vllm_config, server, policy, extra_args.get("kv_eviction_budget", server.budget))
+        check_request_fits(_server_vllm_config, request_config(extra_args, server), policy,
+                           extra_args.get("kv_eviction_budget", server.budget))

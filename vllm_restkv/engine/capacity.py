@@ -100,6 +100,12 @@ def check_request_fits(vllm_config: Any, server: KVEvictionConfig, policy: str, 
     if capacity is None or capacity >= max_model_len:
         return
     bound = server_bound(vllm_config, server, policy, budget)
+    if bound is None and policy != NO_EVICTION and not server.evict_during_prefill:
+        # (a server that does not evict during prefill starts only with a cache of --max-model-len: the request's)
+        raise KVEvictionConfigError(
+            f"vllm_xargs.kv_eviction_during_prefill false: this server's KV cache holds {capacity} tokens, fewer "
+            f"than --max-model-len {max_model_len}, and a request that is not evicted during prefill holds its "
+            "whole prompt")
     if bound is None:
         raise KVEvictionConfigError(
             f"vllm_xargs: this server's KV cache holds {capacity} tokens, fewer than --max-model-len "

@@ -17,8 +17,9 @@ import dataclasses
 import logging
 from typing import Any
 
-from vllm_restkv.config import NO_EVICTION, KVEvictionConfig, KVEvictionConfigError
-from vllm_restkv.engine.worker_state import cdiv, decode_slack, prefill_stride, request_overrides
+from vllm_restkv.config import (NO_EVICTION, KVEvictionConfig, KVEvictionConfigError, evicts_during_prefill,
+                                request_config)
+from vllm_restkv.engine.worker_state import cdiv, decode_slack, extra_args, prefill_stride, request_overrides
 
 logger = logging.getLogger("vllm.restkv")
 
@@ -103,7 +104,7 @@ class SchedulerEviction:
 
     def align_chunk(self, request: Any, num_computed_tokens: int, num_new_tokens: int) -> int:
         """Cut an evicting request's prefill chunk at the next multiple of the stride (see prefill_stride)."""
-        if not self.config.evict_during_prefill:
+        if not evicts_during_prefill(extra_args(request), self.config):
             return num_new_tokens
         if request.sampling_params is not None:
             if request_overrides(request.sampling_params, self.config)[0] == NO_EVICTION:
@@ -127,7 +128,8 @@ class SchedulerEviction:
         policy, budget = request_overrides(request.sampling_params, self.config)
         capacity = usable_tokens(self.block_pool.num_gpu_blocks, self.scheduler.block_size)
         try:
-            check_request_fits(self.scheduler.vllm_config, self.config, policy, budget, capacity=capacity)
+            check_request_fits(self.scheduler.vllm_config, request_config(extra, self.config), policy, budget,
+                               capacity=capacity)
         except KVEvictionConfigError as e:
             raise KVEvictionConfigError(f"vllm-restkv: request {request.request_id} refused: {e}") from None
 
@@ -139,7 +141,7 @@ class SchedulerEviction:
         full = request.num_tokens
         # pooling requests (no sampling params) run with the server's settings, as in the worker
         policy, budget = request_overrides(request.sampling_params, self.config)
-        if policy == NO_EVICTION or budget >= full or not self.config.evict_during_prefill:
+        if policy == NO_EVICTION or budget >= full or not evicts_during_prefill(extra_args(request), self.config):
             return full
         if request.sampling_params is None:  # pooling: ends with its prompt
             return min(full, budget + self.prefill_stride)

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vllm_restkv.config import KVEvictionConfig, KVEvictionConfigError
+from vllm_restkv.config import KVEvictionConfig, KVEvictionConfigError, evicts_during_prefill
 from vllm_restkv.engine import kv_layout
 
 logger = logging.getLogger("vllm.restkv")
@@ -58,6 +58,7 @@ class RequestState:
     slot: int  # row of the query ring buffer
     policy_name: str
     budget: int
+    during_prefill: bool = True  # evicted at chunk boundaries (else once, after the whole prompt)
     evicted: int = 0  # E = logical length - physical length
     n_kept: int = 0  # physical slots that hold compacted tokens (their positions are in kept_positions)
     kept_positions: torch.Tensor | None = None  # [num_layers, H_kv, n_kept]
@@ -76,6 +77,11 @@ class PlannedEviction:
     logical_end: int
     physical_end: int
     phase: str  # "prefill" (chunk boundary or end of prefill) or "decode"
+
+
+def extra_args(request: Any) -> dict | None:
+    """A scheduler request's `vllm_xargs` (None for pooling requests, which run with the server's settings)."""
+    return getattr(request.sampling_params, "extra_args", None)
 
 
 def request_overrides(sampling_params: Any, config: KVEvictionConfig) -> tuple[str, int]:
@@ -165,7 +171,9 @@ class WorkerEviction:
         if state is None:
             req = self.runner.requests[req_id]
             policy, budget = request_overrides(req.sampling_params, self.config)
-            state = RequestState(slot=self._slot(), policy_name=policy, budget=budget)
+            state = RequestState(slot=self._slot(), policy_name=policy, budget=budget,
+                                 during_prefill=evicts_during_prefill(
+                                     extra_args(req), self.config))
             self.requests[req_id] = state
         return state
 
@@ -202,7 +210,7 @@ class WorkerEviction:
                         # only at multiples of the chunk size (the scheduler aligns chunks to them), so that
                         # where a prompt is evicted never depends on what else was scheduled with it
                         aligned = end % self.prefill_stride == 0
-                        phase = "prefill" if cfg.evict_during_prefill and aligned else None
+                        phase = "prefill" if state.during_prefill and aligned else None
                     elif cached.pooling_params is not None:
                         phase = None  # a pooling request ends with its last chunk: nothing left to make room for
                     elif computed < num_prompt:
