@@ -17,8 +17,8 @@ import dataclasses
 import logging
 from typing import Any
 
-from vllm_restkv.config import (NO_EVICTION, KVEvictionConfig, KVEvictionConfigError, evicts_during_prefill,
-                                request_config)
+from vllm_restkv.config import (NO_EVICTION, REQUEST_KEYS, KVEvictionConfig, KVEvictionConfigError,
+                                evicts_during_prefill, request_config)
 from vllm_restkv.engine.worker_state import cdiv, decode_slack, extra_args, prefill_stride, request_overrides
 
 logger = logging.getLogger("vllm.restkv")
@@ -119,10 +119,9 @@ class SchedulerEviction:
         API server refuses these with a 400 already; this catches the rest (offline LLM, SamplingParams built
         before the engine reported its cache). Raised in EngineCore.preprocess_add_request, vLLM answers the
         request with an error (or `generate` raises, in-process) and nothing else is touched."""
-        from vllm_restkv.config import REQUEST_KEYS
         from vllm_restkv.engine.capacity import check_request_fits, usable_tokens
 
-        extra = getattr(request.sampling_params, "extra_args", None) or {}
+        extra = extra_args(request) or {}
         if not any(key in extra for key in REQUEST_KEYS):
             return  # the server's own settings: checked at start-up
         policy, budget = request_overrides(request.sampling_params, self.config)
