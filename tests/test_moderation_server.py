@@ -165,6 +165,11 @@ def test_moderation_matches_vllm_classify(server):
     ({"input": "hello", "model": "gpt-nope"}, 404, "does not exist"),
     ({"inputs": "hello"}, 400, "unknown field"),
     ({"input": "hello", "model": 5}, 400, "must be a string"),
+    ({"input": "hello", "vllm_xargs": 5}, 400, "`vllm_xargs` must be an object"),
+    ({"input": "hello", "vllm_xargs": {"top_k": 5}}, 400, "unknown key(s) top_k"),
+    ({"input": "hello", "vllm_xargs": {"kv_eviction": "bogus"}}, 400, "unknown policy 'bogus'"),
+    ({"input": "hello", "vllm_xargs": {"kv_eviction_budget": 8}}, 400, "smaller than the observation window"),
+    ({"input": "hello", "vllm_xargs": {"kv_eviction_during_prefill": "maybe"}}, 400, "must be true or false"),
 ])
 def test_bad_requests_get_4xx_and_the_server_keeps_serving(server, body, status, needle):
     r = httpx.post(server.url + "/v1/moderations", json=body, headers=headers(), timeout=60)
@@ -217,6 +222,41 @@ def test_long_input_is_evicted_during_chunked_prefill_and_metrics_move(server):
     # nothing is left running: the gauges come back to zero and vLLM's KV usage too
     assert total(after, "restkv_physical_tokens") == 0.0
     assert total(after, "vllm:kv_cache_usage_perc") == 0.0
+
+
+def eviction_totals(url: str) -> tuple[float, float]:
+    text = httpx.get(url + "/metrics", timeout=30).text
+    return total(text, "restkv_eviction_events_total"), total(text, "restkv_evicted_tokens_total")
+
+
+def test_per_request_eviction_settings_through_vllm_xargs(server):
+    """/v1/moderations takes vLLM's `vllm_xargs` with the per-request eviction keys and hands them to the engine
+    with each pooling request (PoolingParams.extra_kwargs): eviction off for one request, another budget, or no
+    eviction during prefill (for a classifier, which ends with its prompt: none at all). The response's extension
+    names what was applied; the metrics show it happened."""
+    thread = long_thread(1500, INSULTS[2])
+    url, budget = server.url + "/v1/moderations", 2 * BUDGET
+
+    def moderate(xargs):
+        before = eviction_totals(server.url)
+        r = httpx.post(url, json={"input": thread, "vllm_xargs": xargs}, headers=headers(), timeout=300)
+        assert r.status_code == 200, r.text
+        after = eviction_totals(server.url)
+        return r.json(), after[0] - before[0], after[1] - before[1]
+
+    body, events, evicted = moderate({"kv_eviction": "none"})
+    assert (events, evicted) == (0, 0)
+    assert body["restkv"]["policy"] == "none" and body["restkv"]["budget"] is None
+    body, events, evicted = moderate({"kv_eviction_during_prefill": False})
+    assert (events, evicted) == (0, 0)
+    assert body["restkv"]["policy"] == "restkv" and body["restkv"]["evict_during_prefill"] is False
+    body, events, evicted = moderate({"kv_eviction_budget": budget})
+    prompt_tokens = body["restkv"]["inputs"][0]["prompt_tokens"]
+    assert body["restkv"]["budget"] == budget and body["restkv"]["evict_during_prefill"] is True
+    # every chunk boundary but the prompt's end evicts down to this request's budget, not the server's
+    assert events >= 1 and prompt_tokens - budget - CHUNK <= evicted <= prompt_tokens - budget, (evicted, prompt_tokens)
+    body, events, evicted = moderate(None)
+    assert body["restkv"]["budget"] == BUDGET and evicted >= prompt_tokens - BUDGET - CHUNK
 
 
 def test_long_input_beyond_the_context_is_scored_in_segments(server):
@@ -438,6 +478,19 @@ def test_token_scan_scores_the_most_insulting_position(scan_server, scan_model):
     assert max(other) > 0.05, other
 
 
+def test_token_scan_takes_per_request_eviction_settings(scan_server):
+    """The token scan builds its own PoolingParams: `vllm_xargs` reaches the engine there too."""
+    thread = long_thread(1200, INSULTS[0])
+    for xargs, evicts in (({"kv_eviction": "none"}, False), (None, True)):
+        before = eviction_totals(scan_server.url)
+        r = httpx.post(scan_server.url + "/v1/moderations", json={"input": thread, "vllm_xargs": xargs},
+                       headers=headers(), timeout=300)
+        assert r.status_code == 200, r.text
+        events = eviction_totals(scan_server.url)[0] - before[0]
+        assert (events > 0) == evicts, (xargs, events)
+        assert r.json()["restkv"]["policy"] == ("restkv" if evicts else "none")
+
+
 def test_client_that_disconnects_cancels_a_token_scan(scan_server):
     test_client_that_disconnects_cancels_its_moderation(scan_server)
 
@@ -454,9 +507,41 @@ def test_threads_longer_than_the_whole_kv_cache(server, moderator_model, tmp_pat
         assert "fewer than --max-model-len 4096; served anyway" in s.output()
         small = [httpx.post(s.url + "/v1/moderations", json={"input": t}, headers=headers(), timeout=600)
                  for t in threads]
+        # a request that would hold its whole prompt cannot be served here: refused before it reaches the engine
+        for xargs, needle in (({"kv_eviction": "none"}, "cannot turn eviction off"),
+                              ({"kv_eviction_during_prefill": False}, "holds its whole prompt")):
+            r = httpx.post(s.url + "/v1/moderations", json={"input": threads[1], "vllm_xargs": xargs},
+                           headers=headers(), timeout=60)
+            assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
     for one, reference in zip(small, full):
         assert one.status_code == 200 and reference.status_code == 200, (one.text, reference.text)
         assert one.json()["restkv"]["inputs"][0]["prompt_tokens"] > 2 * 896
         score = one.json()["results"][0]["category_scores"]["harassment"]
         expected = reference.json()["results"][0]["category_scores"]["harassment"]
         assert abs(score - expected) < 1e-3, (score, expected)
+
+
+def test_offline_pooling_requests_take_per_request_settings(moderator_model):
+    """Offline `LLM` with the pooling runner, engine in its own process: PoolingParams.extra_kwargs carry the
+    per-request keys. Bad ones are refused by the client with the reason; if a request gets past that check, the
+    engine core serves it with the server's settings (vLLM cannot finish a pooling request with an error; it
+    logs the refusal) and the request beside it is unharmed. With eviction off for one request its probabilities
+    are the full cache's, computed apart from vLLM."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    done = subprocess.run([sys.executable, str(REPO / "tests" / "offline_pooling_driver.py"), str(moderator_model)],
+                          capture_output=True, text=True, timeout=300, env=server_env())
+    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
+    assert done.returncode == 0 and lines, done.stdout[-2000:] + done.stderr[-4000:]
+    result = json.loads(lines[-1].removeprefix("RESULT "))
+    assert "unknown policy 'bogus'" in result.get("raised", ""), result
+    assert "are ignored" in done.stdout + done.stderr and "it runs with the server's" in done.stdout + done.stderr
+    on, off = result["on"], result["off"]
+    assert all(abs(a - b) < 1e-5 for row in result["unchecked_batch"] for a, b in zip(row, on)), result
+    reference = reference_token_scores(moderator_model, result["prompt_ids"])[-1]
+    assert abs(off[1] - reference) < 1e-3, (off, reference)
+    assert abs(on[1] - reference) > 5e-3, (on, reference)  # eviction moved it: the full-cache match is not luck

@@ -185,3 +185,39 @@ def test_moderations_with_a_generative_model_score_yes_against_no(smollm2_server
     no = sum(math.exp(lp) for t, lp in top.items() if t in DEFAULT_GENERATE["negative_tokens"])
     assert yes + no > 0.05, top  # the template makes the model answer Yes or No
     assert abs(score - yes / (yes + no)) < 1e-3
+
+
+def test_moderations_pass_vllm_xargs_to_the_generative_path(smollm2_server, smollm2_model):
+    """Generate runner: `vllm_xargs` on /v1/moderations reach the completions request it makes. With eviction off
+    for the request the score is the full cache's (what /v1/completions answers with the same setting) and no
+    eviction metric moves; without it, the long input is evicted."""
+    from transformers import AutoTokenizer
+
+    from vllm_restkv.serving.moderations import DEFAULT_GENERATE
+
+    url = smollm2_server.url
+    text = "Tell me about the weather, you absolute clown. " * 60  # ~600 tokens > budget 128
+    scores = {}
+    for name, xargs in (("off", {"kv_eviction": "none"}), ("on", None)):
+        before = httpx.get(url + "/metrics").text
+        r = httpx.post(url + "/v1/moderations", json={"input": text, "vllm_xargs": xargs}, timeout=300)
+        assert r.status_code == 200, r.text
+        after = httpx.get(url + "/metrics").text
+        events = (_metric_total(after, "restkv_eviction_events_total")
+                  - _metric_total(before, "restkv_eviction_events_total"))
+        assert (events > 0) == (name == "on"), (name, events)
+        assert r.json()["restkv"]["policy"] == ("none" if name == "off" else "restkv")
+        scores[name] = r.json()["results"][0]["category_scores"]["harassment"]
+    bad = httpx.post(url + "/v1/moderations", json={"input": text, "vllm_xargs": {"kv_eviction_budget": 4}},
+                     timeout=60)
+    assert bad.status_code == 400 and "smaller than the observation window" in bad.json()["error"]["message"]
+    tok = AutoTokenizer.from_pretrained(str(smollm2_model))
+    head, _, tail = DEFAULT_GENERATE["prompt_template"].partition("{text}")
+    ids = [tok(part, add_special_tokens=False)["input_ids"] for part in (head, text, tail)]
+    c = httpx.post(url + "/v1/completions", timeout=300, json={
+        "model": "m", "prompt": ids[0] + ids[1] + ids[2], "max_tokens": 1, "temperature": 0, "logprobs": 20,
+        "vllm_xargs": {"kv_eviction": "none"}}).json()
+    top = c["choices"][0]["logprobs"]["top_logprobs"][0]
+    yes = sum(math.exp(lp) for t, lp in top.items() if t in DEFAULT_GENERATE["positive_tokens"])
+    no = sum(math.exp(lp) for t, lp in top.items() if t in DEFAULT_GENERATE["negative_tokens"])
+    assert abs(scores["off"] - yes / (yes + no)) < 1e-3

@@ -133,6 +133,25 @@ def _wrap_verify_extra_args(original):
     return _verify_extra_args
 
 
+def _wrap_validate_params(original):
+    @functools.wraps(original)
+    def _validate_params(self, params, *args, **kwargs):
+        result = original(self, params, *args, **kwargs)
+        # PoolingParams carry a pooling request's per-request settings in extra_kwargs (/v1/moderations puts its
+        # vllm_xargs there) and, unlike SamplingParams, check nothing when built: checked here, in the client
+        extra = getattr(params, "extra_kwargs", None)
+        if extra:
+            try:
+                validate_request_args(extra)
+            except KVEvictionConfigError as e:
+                from vllm.exceptions import VLLMValidationError
+
+                raise VLLMValidationError(str(e), parameter="vllm_xargs") from None
+        return result
+
+    return _validate_params
+
+
 def _wrap_linear_process_weights(original):
     @functools.wraps(original)
     def process_weights_after_loading(self, layer):
@@ -466,6 +485,12 @@ PATCHES: list[Patch] = [
         "vllm.sampling_params:SamplingParams._verify_extra_args",
         _wrap_verify_extra_args,
         "validates per-request eviction settings (vllm_xargs) where the request is built, so bad values get a 400",
+    ),
+    Patch(
+        "vllm.v1.engine.input_processor:InputProcessor._validate_params",
+        _wrap_validate_params,
+        "validates a pooling request's per-request eviction settings (PoolingParams.extra_kwargs) in the client, "
+        "as the patch above does for SamplingParams",
     ),
     Patch(
         "vllm.model_executor.layers.linear:UnquantizedLinearMethod.process_weights_after_loading",

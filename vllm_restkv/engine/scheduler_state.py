@@ -18,7 +18,7 @@ import logging
 from typing import Any
 
 from vllm_restkv.config import (NO_EVICTION, REQUEST_KEYS, KVEvictionConfig, KVEvictionConfigError,
-                                evicts_during_prefill, request_config)
+                                evicts_during_prefill, request_config, validate_request_args)
 from vllm_restkv.engine.worker_state import cdiv, decode_slack, extra_args, prefill_stride, request_overrides
 
 logger = logging.getLogger("vllm.restkv")
@@ -106,9 +106,8 @@ class SchedulerEviction:
         """Cut an evicting request's prefill chunk at the next multiple of the stride (see prefill_stride)."""
         if not evicts_during_prefill(extra_args(request), self.config):
             return num_new_tokens
-        if request.sampling_params is not None:
-            if request_overrides(request.sampling_params, self.config)[0] == NO_EVICTION:
-                return num_new_tokens
+        if request_overrides(extra_args(request), self.config)[0] == NO_EVICTION:
+            return num_new_tokens
         # a decode step (one token) never crosses a multiple; the last chunk of a prompt must not either
         boundary = (num_computed_tokens // self.prefill_stride + 1) * self.prefill_stride
         return min(num_new_tokens, boundary - num_computed_tokens)
@@ -118,18 +117,32 @@ class SchedulerEviction:
         cache cannot hold: it would wait at the head of the queue forever and hold up every request behind it. The
         API server refuses these with a 400 already; this catches the rest (offline LLM, SamplingParams built
         before the engine reported its cache). Raised in EngineCore.preprocess_add_request, vLLM answers the
-        request with an error (or `generate` raises, in-process) and nothing else is touched."""
+        request with an error (or `generate` raises, in-process) and nothing else is touched. A pooling request
+        (settings in PoolingParams.extra_kwargs, checked again here) is not refused but runs with the server's
+        settings, logged as an error: vLLM cannot finish a pooling request with an error."""
         from vllm_restkv.engine.capacity import check_request_fits, usable_tokens
 
         extra = extra_args(request) or {}
         if not any(key in extra for key in REQUEST_KEYS):
             return  # the server's own settings: checked at start-up
-        policy, budget = request_overrides(request.sampling_params, self.config)
         capacity = usable_tokens(self.block_pool.num_gpu_blocks, self.scheduler.block_size)
         try:
+            if request.sampling_params is None:  # values only the client checked (SamplingParams check theirs)
+                validate_request_args(extra, self.config)
+            policy, budget = request_overrides(extra, self.config)
             check_request_fits(self.scheduler.vllm_config, request_config(extra, self.config), policy, budget,
                                capacity=capacity)
         except KVEvictionConfigError as e:
+            if request.sampling_params is None:
+                # vLLM 0.32 cannot finish a pooling request with an error (its output processor asserts that the
+                # request has a detokenizer), which would take the client down with it. The client checks these
+                # already (patches._wrap_validate_params), so this is a backstop: serve it with the server's
+                # settings, which the cache holds, and say so.
+                logger.error("vllm-restkv: request %s: its eviction settings %s are ignored (%s); it runs with the "
+                             "server's", request.request_id, {k: extra[k] for k in REQUEST_KEYS if k in extra}, e)
+                for key in REQUEST_KEYS:
+                    extra.pop(key, None)
+                return
             raise KVEvictionConfigError(f"vllm-restkv: request {request.request_id} refused: {e}") from None
 
     def admission_tokens(self, request: Any) -> int:
@@ -138,8 +151,7 @@ class SchedulerEviction:
         the decode growth between decode evictions, if larger). Pooling requests too (they were sized by their
         whole prompt before 2026-12-02, so a moderation server admitted no more of them than vanilla vLLM)."""
         full = request.num_tokens
-        # pooling requests (no sampling params) run with the server's settings, as in the worker
-        policy, budget = request_overrides(request.sampling_params, self.config)
+        policy, budget = request_overrides(extra_args(request), self.config)
         if policy == NO_EVICTION or budget >= full or not evicts_during_prefill(extra_args(request), self.config):
             return full
         if request.sampling_params is None:  # pooling: ends with its prompt
@@ -158,8 +170,7 @@ class SchedulerEviction:
         """
         bypass = getattr(request, "restkv_bypasses_prefix_cache", None)
         if bypass is None:
-            # pooling requests (no sampling params) run with the server's settings, as in the worker
-            policy, budget = request_overrides(request.sampling_params, self.config)
+            policy, budget = request_overrides(extra_args(request), self.config)
             longest = request.num_prompt_tokens + max(int(request.max_tokens or 0), 1)
             bypass = policy != NO_EVICTION and longest > budget
             request.restkv_bypasses_prefix_cache = bypass

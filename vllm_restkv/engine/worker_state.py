@@ -80,16 +80,21 @@ class PlannedEviction:
 
 
 def extra_args(request: Any) -> dict | None:
-    """A scheduler request's `vllm_xargs` (None for pooling requests, which run with the server's settings)."""
-    return getattr(request.sampling_params, "extra_args", None)
+    """A request's per-request settings (a scheduler `Request` or a runner's cached request state): the
+    `vllm_xargs` of a generating request (SamplingParams.extra_args), or PoolingParams.extra_kwargs of a pooling one
+    (where /v1/moderations puts its `vllm_xargs`; vLLM's own pooling endpoints set none of our keys there)."""
+    sampling_params = getattr(request, "sampling_params", None)
+    if sampling_params is not None:
+        return getattr(sampling_params, "extra_args", None)
+    return getattr(getattr(request, "pooling_params", None), "extra_kwargs", None)
 
 
-def request_overrides(sampling_params: Any, config: KVEvictionConfig) -> tuple[str, int]:
-    """Policy and budget for one request: server settings, overridden by `vllm_xargs` when allowed.
+def request_overrides(extra: dict | None, config: KVEvictionConfig) -> tuple[str, int]:
+    """Policy and budget for one request: server settings, overridden by its `extra_args(request)` when allowed.
 
     The API server validates these (and answers 400); here they are trusted but re-checked cheaply.
     """
-    extra = getattr(sampling_params, "extra_args", None) or {}
+    extra = extra or {}
     policy, budget = config.policy, config.budget
     if not config.allow_request_override:
         return policy, budget
@@ -170,10 +175,9 @@ class WorkerEviction:
         state = self.requests.get(req_id)
         if state is None:
             req = self.runner.requests[req_id]
-            policy, budget = request_overrides(req.sampling_params, self.config)
+            policy, budget = request_overrides(extra_args(req), self.config)
             state = RequestState(slot=self._slot(), policy_name=policy, budget=budget,
-                                 during_prefill=evicts_during_prefill(
-                                     extra_args(req), self.config))
+                                 during_prefill=evicts_during_prefill(extra_args(req), self.config))
             self.requests[req_id] = state
         return state
 

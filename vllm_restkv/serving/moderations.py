@@ -72,9 +72,10 @@ def parse_inputs(body: Any) -> tuple[list[str], str | None]:
     """Validate an OpenAI moderation request body; return (texts, model). Raises ModerationError (400)."""
     if not isinstance(body, dict):
         raise ModerationError(400, "the request body must be a JSON object with an `input` field")
-    unknown = set(body) - {"input", "model"}
+    unknown = set(body) - {"input", "model", "vllm_xargs"}
     if unknown:
-        raise ModerationError(400, f"unknown field(s): {', '.join(sorted(unknown))}; allowed: input, model")
+        raise ModerationError(400, f"unknown field(s): {', '.join(sorted(unknown))}; allowed: input, model, "
+                                   "vllm_xargs")
     model = body.get("model")
     if model is not None and not isinstance(model, str):
         raise ModerationError(400, "`model` must be a string", "model")
@@ -107,6 +108,27 @@ def parse_inputs(body: Any) -> tuple[list[str], str | None]:
                                   f"input[{i}]")
         texts.append(item)
     return texts, model
+
+
+def parse_eviction_args(body: dict) -> dict | None:
+    """The request's `vllm_xargs` (vLLM's name for per-request extension settings): only the per-request eviction
+    keys, checked as vLLM's own endpoints check them (config.validate_request_args). Raises ModerationError (400)."""
+    from vllm_restkv.config import REQUEST_KEYS, KVEvictionConfigError, validate_request_args
+
+    xargs = body.get("vllm_xargs")
+    if xargs is None:
+        return None
+    if not isinstance(xargs, dict):
+        raise ModerationError(400, f"`vllm_xargs` must be an object, not {type(xargs).__name__}", "vllm_xargs")
+    unknown = sorted(str(key) for key in xargs if key not in REQUEST_KEYS)
+    if unknown:
+        raise ModerationError(400, f"vllm_xargs: unknown key(s) {', '.join(unknown)}; /v1/moderations takes "
+                                   f"{', '.join(REQUEST_KEYS)}", "vllm_xargs")
+    try:
+        validate_request_args(xargs)
+    except KVEvictionConfigError as e:
+        raise ModerationError(400, str(e), "vllm_xargs") from None
+    return dict(xargs) or None
 
 
 def load_moderator_config(model_dir: str, runner: str) -> dict:
@@ -173,7 +195,18 @@ class Moderator:
         if self.runner == "pooling":
             from vllm.entrypoints.pooling.classify.protocol import ClassificationCompletionRequest
 
-            self.request_class = ClassificationCompletionRequest
+            class ClassificationWithEvictionArgs(ClassificationCompletionRequest):
+                """vLLM's classify request whose PoolingParams carry the moderation request's eviction settings
+                (PoolingParams.extra_kwargs: where the engine side reads a pooling request's, worker_state.extra_args)."""
+
+                restkv_xargs: dict | None = None
+
+                def to_pooling_params(self):
+                    params = super().to_pooling_params()
+                    params.extra_kwargs = self.restkv_xargs
+                    return params
+
+            self.request_class = ClassificationWithEvictionArgs
         else:
             from vllm.entrypoints.openai.completion.protocol import CompletionRequest
             from vllm.entrypoints.serve.engine.protocol import ErrorResponse
@@ -230,7 +263,7 @@ class Moderator:
                                    f"{self.scan}) but the engine offers only {tasks}; serve it with --runner pooling "
                                    f"and without --pooler-config overrides of the pooling type")
 
-    async def scan_tokens(self, prompts: list[list[int]], reads: list[list[int]]) -> list[float]:
+    async def scan_tokens(self, prompts: list[list[int]], reads: list[list[int]], xargs: dict | None) -> list[float]:
         """Highest flag-label probability over each prompt's scanned positions (`max_token`: every text position;
         `max_line`: `reads`) and its last token (token_classify, one engine request per prompt; a cancelled HTTP
         request cancels these and vLLM aborts them)."""
@@ -240,7 +273,7 @@ class Moderator:
         base_id = f"modr-{uuid.uuid4().hex}"
 
         async def one(i: int, ids: list[int], read: list[int]) -> float:
-            params = PoolingParams(task="token_classify")
+            params = PoolingParams(task="token_classify", extra_kwargs=xargs)
             params.verify(self.model_config)
             final = None
             try:
@@ -265,11 +298,12 @@ class Moderator:
                 task.cancel()
 
     async def score(self, state, raw_request, prompts: list[list[int]], reads: list[list[int]],
-                    model: str) -> list[float]:
+                    model: str, xargs: dict | None = None) -> list[float]:
+        """One score per prompt; `xargs`: the request's per-request eviction settings (parse_eviction_args)."""
         if self.runner == "pooling" and self.scan != "last_token":
-            return await self.scan_tokens(prompts, reads)
+            return await self.scan_tokens(prompts, reads, xargs)
         if self.runner == "pooling":
-            request = self.request_class(model=model, input=prompts, add_special_tokens=False)
+            request = self.request_class(model=model, input=prompts, add_special_tokens=False, restkv_xargs=xargs)
             response = await state.serving_classification(request, raw_request)
             body = json.loads(response.body)
             if response.status_code != 200:
@@ -279,7 +313,8 @@ class Moderator:
             labels = self.config.get("labels", ["benign", "insult"])
             k = labels.index(label)
             return [float(item["probs"][k]) for item in sorted(body["data"], key=lambda d: d["index"])]
-        request = self.request_class(model=model, prompt=prompts, max_tokens=1, temperature=0.0, logprobs=20)
+        request = self.request_class(model=model, prompt=prompts, max_tokens=1, temperature=0.0, logprobs=20,
+                                     vllm_xargs=xargs)
         response = await state.openai_serving_completion.create_completion(request, raw_request)
         if isinstance(response, self.error_class):
             raise ModerationError(response.error.code, response.error.message, type_=response.error.type)
@@ -344,6 +379,7 @@ async def _handle(raw_request: Request, raw_body: bytes) -> Any:
     except RecursionError:
         raise ModerationError(400, "the request body is nested too deeply") from None
     texts, model = parse_inputs(body)
+    xargs = parse_eviction_args(body)
     state = raw_request.app.state
     moderator: Moderator | None = getattr(state, "restkv_moderator", None)
     if moderator is None:
@@ -361,16 +397,20 @@ async def _handle(raw_request: Request, raw_body: bytes) -> Any:
         prompts.extend(segs)
         reads.extend(seg_reads)
         owner.extend([i] * len(segs))
-    seg_scores = await moderator.score(state, raw_request, prompts, reads, model)
+    seg_scores = await moderator.score(state, raw_request, prompts, reads, model, xargs)
     scores = [0.0] * len(texts)
     for i, s in zip(owner, seg_scores):
         scores[i] = max(scores[i], s)
     results = build_results(scores, moderator.config)
-    ev = moderator.eviction
+    from vllm_restkv.config import NO_EVICTION, evicts_during_prefill
+    from vllm_restkv.engine.worker_state import request_overrides
+
+    policy, budget = request_overrides(xargs, moderator.eviction)  # what the engine applies to these requests
     extension = {
-        "policy": ev.policy,
+        "policy": policy,
         "scoring": moderator.scan if moderator.runner == "pooling" else "answer_logprobs",
-        "budget": ev.budget if ev.enabled else None,
+        "budget": budget if policy != NO_EVICTION else None,
+        "evict_during_prefill": evicts_during_prefill(xargs, moderator.eviction) if policy != NO_EVICTION else None,
         "inputs": [{"prompt_tokens": sum(len(p) for p in segs), "input_tokens": n, "segments": len(segs)}
                    for segs, n, _ in split],
         "seconds": round(time.perf_counter() - started, 4),
