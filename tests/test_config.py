@@ -52,6 +52,9 @@ def test_full_settings_roundtrip():
         ({"policy": "restkv", "gqa_agg": "median"}, "unknown gqa_agg 'median'"),
         ({"policy": "restkv", "projection_dtype": "fp16"}, "unknown projection_dtype 'fp16'; allowed: auto, float32"),
         ({"policy": "restkv", "budgt": 64}, "unknown setting(s) ['budgt']"),
+        ({"policy": "restkv", "shadow_rate": 1.5}, "shadow_rate must be in [0, 1]"),
+        ({"policy": "restkv", "shadow_rate": "nan"}, "shadow_rate must be in [0, 1]"),
+        ({"policy": "restkv", "shadow_rate": 0.1, "allow_request_override": False}, "shadow_rate needs allow_request"),
         ("{not json", "invalid JSON"),
         (42, "must be a policy name or a mapping"),
     ],
@@ -81,13 +84,14 @@ class _EngineArgs:
 def test_flags_reach_additional_config():
     args = _parser().parse_args(
         ["--kv-eviction", "restkv", "--kv-eviction-budget", "256", "--kv-eviction-decode-interval", "0",
-         "--kv-eviction-config", '{"kernel_size": 21}']
+         "--kv-eviction-shadow-rate", "0.25", "--kv-eviction-config", '{"kernel_size": 21}']
     )
     engine_args = _EngineArgs({"other": 1})
     cli_args.merge_cli_args_into(engine_args, args)
     kv = engine_args.additional_config["kv_eviction"]
     assert engine_args.additional_config["other"] == 1
     assert kv["policy"] == "restkv" and kv["budget"] == 256 and kv["decode_interval"] == 0 and kv["kernel_size"] == 21
+    assert kv["shadow_rate"] == 0.25
 
 
 def test_flags_override_additional_config_and_keep_its_other_settings():
@@ -105,7 +109,8 @@ def test_no_flags_leave_additional_config_alone():
 
 
 @pytest.mark.parametrize("argv", [["--kv-eviction", "bogus"], ["--kv-eviction-budget", "-3"],
-                                  ["--kv-eviction-budget", "1.5"], ["--kv-eviction-config", "[1]"]])
+                                  ["--kv-eviction-budget", "1.5"], ["--kv-eviction-config", "[1]"],
+                                  ["--kv-eviction-shadow-rate", "2"], ["--kv-eviction-shadow-rate", "some"]])
 def test_bad_flags_are_argparse_errors(argv):
     with pytest.raises((argparse.ArgumentError, SystemExit)):
         _parser().parse_args(argv)
@@ -225,7 +230,7 @@ def test_every_policy_setting_reaches_the_policies():
     from vllm_restkv.policies import get_policy
 
     engine_fields = {"policy", "budget", "evict_after_prefill", "evict_during_prefill", "decode_interval",
-                     "allow_request_override"}
+                     "allow_request_override", "shadow_rate"}  # (shadow_rate steers /v1/moderations)
     assert set(KVEvictionConfig.field_names()) == engine_fields | set(POLICY_SETTINGS)
     changed = NON_DEFAULT_SETTINGS
     assert set(changed) == set(POLICY_SETTINGS)

@@ -26,8 +26,9 @@ DEPLOYMENTS = ("deployment-cpu.yaml", "deployment-gpu.yaml")
 PORT = 8000
 
 RESTKV_COUNTERS = {"restkv_evicted_tokens_total", "restkv_freed_blocks_total", "restkv_eviction_events_total",
-                   "restkv_moderation_results_total"}
-RESTKV_HISTOGRAMS = {"restkv_scoring_duration_seconds", "restkv_compaction_duration_seconds", "restkv_kept_token_ratio"}
+                   "restkv_moderation_results_total", "restkv_moderation_shadow_checks_total"}
+RESTKV_HISTOGRAMS = {"restkv_scoring_duration_seconds", "restkv_compaction_duration_seconds", "restkv_kept_token_ratio",
+                     "restkv_moderation_shadow_score_diff"}
 RESTKV_GAUGES = {"restkv_physical_tokens", "restkv_logical_tokens", "restkv_evicting_requests", "restkv_build_info"}
 VLLM_PLAIN = {"vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
               "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:num_preemptions_total",

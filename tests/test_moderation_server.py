@@ -499,7 +499,7 @@ def test_threads_longer_than_the_whole_kv_cache(server, moderator_model, tmp_pat
     """A moderation server whose KV cache holds 896 tokens (7 usable blocks; vLLM alone refuses it with
     --max-model-len 4096) scores 3,000-token threads: each request holds at most budget + one chunk. The scores
     equal those of the server above, whose cache holds everything: eviction happens at the same chunk boundaries."""
-    args = [*SERVER_ARGS, "--num-gpu-blocks-override", "8"]
+    args = [*SERVER_ARGS, "--num-gpu-blocks-override", "8", "--kv-eviction-shadow-rate", "1"]
     threads = [long_thread(3000, INSULTS[0]), long_thread(3000, None)]
     full = [httpx.post(server.url + "/v1/moderations", json={"input": t}, headers=headers(), timeout=300)
             for t in threads]
@@ -513,6 +513,10 @@ def test_threads_longer_than_the_whole_kv_cache(server, moderator_model, tmp_pat
             r = httpx.post(s.url + "/v1/moderations", json={"input": threads[1], "vllm_xargs": xargs},
                            headers=headers(), timeout=60)
             assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
+        # every request is shadow-checked here, but no input fits without eviction: all of them skipped
+        shadow = metric_values(wait_for_metric(s.url, "restkv_moderation_shadow_checks_total", 2),
+                               "restkv_moderation_shadow_checks_total")
+        assert {k.split('outcome="')[1].split('"')[0]: v for k, v in shadow.items()} == {"skipped": 2.0}, shadow
     for one, reference in zip(small, full):
         assert one.status_code == 200 and reference.status_code == 200, (one.text, reference.text)
         assert one.json()["restkv"]["inputs"][0]["prompt_tokens"] > 2 * 896
@@ -545,3 +549,42 @@ def test_offline_pooling_requests_take_per_request_settings(moderator_model):
     reference = reference_token_scores(moderator_model, result["prompt_ids"])[-1]
     assert abs(off[1] - reference) < 1e-3, (off, reference)
     assert abs(on[1] - reference) > 5e-3, (on, reference)  # eviction moved it: the full-cache match is not luck
+
+
+def wait_for_metric(url: str, name: str, at_least: float, timeout: float = 120) -> str:
+    """/metrics once the total of `name` reaches `at_least` (shadow checks finish after the answer)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = httpx.get(url + "/metrics", timeout=30).text
+        if total(text, name) >= at_least or time.monotonic() > deadline:
+            return text
+        time.sleep(0.2)
+
+
+def test_shadow_checks_compare_answered_verdicts_with_the_full_cache(moderator_model, tmp_path):
+    """--kv-eviction-shadow-rate 1: every /v1/moderations request is scored again with eviction off, after the
+    answer; per input the verdicts are compared and |score difference| observed. The differences equal those
+    between the answered scores and the same inputs scored with `vllm_xargs` kv_eviction none."""
+    args = [*SERVER_ARGS, "--kv-eviction-shadow-rate", "1"]
+    inputs = [long_thread(1500, INSULTS[2]), long_thread(1500, None), BENIGN[0]]
+    with running_server(moderator_model, args, tmp_path / "serve.log", env=server_env(VLLM_PLUGINS=PLUGINS)) as s:
+        answered = httpx.post(s.url + "/v1/moderations", json={"input": inputs}, headers=headers(), timeout=300)
+        assert answered.status_code == 200, answered.text
+        text = wait_for_metric(s.url, "restkv_moderation_shadow_checks_total", len(inputs))
+        full = httpx.post(s.url + "/v1/moderations", json={"input": inputs, "vllm_xargs": {"kv_eviction": "none"}},
+                          headers=headers(), timeout=300)
+        assert full.status_code == 200, full.text
+        time.sleep(1)
+        after = httpx.get(s.url + "/metrics", timeout=30).text
+    scores = [r["category_scores"]["harassment"] for r in answered.json()["results"]]
+    reference = [r["category_scores"]["harassment"] for r in full.json()["results"]]
+    checks = metric_values(text, "restkv_moderation_shadow_checks_total")
+    outcomes = {k.split('outcome="')[1].split('"')[0]: v for k, v in checks.items()}
+    disagree = sum((a >= 0.5) != (b >= 0.5) for a, b in zip(scores, reference))
+    assert outcomes.get("agree", 0) == len(inputs) - disagree and outcomes.get("disagree", 0) == disagree, outcomes
+    assert total(text, "restkv_moderation_shadow_score_diff_count") == len(inputs)
+    diffs = [abs(a - b) for a, b in zip(scores, reference)]
+    assert abs(total(text, "restkv_moderation_shadow_score_diff_sum") - sum(diffs)) < 0.01, (text, diffs)
+    assert max(diffs[:2]) > 1e-3 and diffs[2] < 1e-3, diffs  # the long inputs were evicted, the short one not
+    # a request with eviction off for itself has nothing to compare: no shadow check
+    assert total(after, "restkv_moderation_shadow_checks_total") == len(inputs)

@@ -83,7 +83,7 @@ def test_help_lists_the_flags():
     result = run_vllm(["serve", "--help=KVEvictionConfig"])
     assert result.returncode == 0, result.stderr[-2000:]
     for flag in ("--kv-eviction", "--kv-eviction-budget", "--kv-eviction-window", "--kv-eviction-decode-interval",
-                 "--kv-eviction-config"):
+                 "--kv-eviction-shadow-rate", "--kv-eviction-config"):
         assert flag in result.stdout
 
 

@@ -14,6 +14,7 @@ FLAG_FIELDS = {
     "kv_eviction_budget": "budget",
     "kv_eviction_window": "window",
     "kv_eviction_decode_interval": "decode_interval",
+    "kv_eviction_shadow_rate": "shadow_rate",
 }
 
 
@@ -34,6 +35,16 @@ def _non_negative_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}")
     return value
 
 
@@ -81,6 +92,14 @@ def add_kv_eviction_args(parser: argparse.ArgumentParser) -> None:
         default=None,
         help=f"Evict back to the budget every N decode steps, rounded up so that a request's last KV block fills "
         f"(an earlier eviction frees no block); 0 = never during decode (default: {defaults.decode_interval}).",
+    )
+    group.add_argument(
+        "--kv-eviction-shadow-rate",
+        type=_fraction,
+        default=None,
+        help="Fraction of /v1/moderations requests scored again with eviction off, in the background after the "
+        "answer, to measure agreement with the full cache live (metrics restkv_moderation_shadow_*; default: "
+        f"{defaults.shadow_rate}, off).",
     )
     group.add_argument(
         "--kv-eviction-config",

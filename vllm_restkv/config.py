@@ -51,6 +51,10 @@ class KVEvictionConfig:
     projection_dtype: str = "auto"
     # Whether requests may override policy settings through `vllm_xargs` (budget, or turning eviction off).
     allow_request_override: bool = True
+    # Fidelity checks in production: this fraction of /v1/moderations requests is scored a second time with eviction
+    # off for it, in the background after the answer, and the two scores are compared (restkv_moderation_shadow_*
+    # metrics). 0 = off. Costs one full-cache run per sampled request.
+    shadow_rate: float = 0.0
 
     @property
     def enabled(self) -> bool:
@@ -145,6 +149,12 @@ class KVEvictionConfig:
             raise KVEvictionConfigError(
                 f"kv_eviction: unknown gqa_agg {self.gqa_agg!r}; allowed: {', '.join(GQA_AGGREGATIONS)}"
             )
+        if not 0.0 <= self.shadow_rate <= 1.0:
+            raise KVEvictionConfigError(f"kv_eviction: shadow_rate must be in [0, 1], got {self.shadow_rate}")
+        if self.shadow_rate > 0 and not self.allow_request_override:
+            raise KVEvictionConfigError(
+                "kv_eviction: shadow_rate needs allow_request_override (a shadow check turns eviction off for its "
+                "own requests)")
         if self.projection_dtype not in PROJECTION_DTYPES:
             raise KVEvictionConfigError(
                 f"kv_eviction: unknown projection_dtype {self.projection_dtype!r}; "

@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
+import random
 import time
 import uuid
 from pathlib import Path
@@ -34,6 +36,8 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+
+logger = logging.getLogger("vllm.restkv")
 
 OPENAI_CATEGORIES = (
     "harassment", "harassment/threatening", "hate", "hate/threatening", "illicit", "illicit/violent", "self-harm",
@@ -417,8 +421,67 @@ async def _handle(raw_request: Request, raw_body: bytes) -> Any:
     }
     for result in results:
         _count(raw_request, result["flagged"])
+    if policy != NO_EVICTION and moderator.eviction.shadow_rate > 0 and random.random() < moderator.eviction.shadow_rate:
+        # started here, awaited by nobody: the answer does not wait for it (kept referenced until it ends)
+        task = asyncio.create_task(shadow_check(moderator, state, prompts, reads, owner, model, scores))
+        _SHADOW_TASKS.add(task)
+        task.add_done_callback(_SHADOW_TASKS.discard)
     return JSONResponse({"id": f"modr-{uuid.uuid4().hex}", "model": model, "results": results,
                          "restkv": extension})
+
+
+_SHADOW_TASKS: set = set()
+SHADOW_XARGS = {"kv_eviction": "none"}
+SHADOW_DIFF_BUCKETS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+
+
+async def shadow_check(moderator: Moderator, state, prompts: list[list[int]], reads: list[list[int]],
+                       owner: list[int], model: str, scores: list[float]) -> None:
+    """Score the same prompts again with eviction off for them and record, per input, whether the verdict agrees
+    with the answered one and by how much the score differs (shadow_rate). Never raises: an input the KV cache
+    cannot hold without eviction is `skipped`, anything else that fails an `error`; the answer has gone already."""
+    from vllm_restkv.config import KVEvictionConfigError, validate_request_args
+
+    try:
+        validate_request_args(SHADOW_XARGS)  # the cache may be too small to hold a whole prompt
+    except KVEvictionConfigError:
+        _record_shadow(moderator, "skipped", len(scores))
+        return
+    try:
+        seg_scores = await moderator.score(state, None, prompts, reads, model, SHADOW_XARGS)
+    except Exception:  # noqa: BLE001 (a shadow check must not disturb anything; counted and logged)
+        logger.exception("vllm-restkv: shadow check failed")
+        _record_shadow(moderator, "error", len(scores))
+        return
+    full = [0.0] * len(scores)
+    for i, score in zip(owner, seg_scores):
+        full[i] = max(full[i], score)
+    threshold = float(moderator.config.get("threshold", 0.5))
+    for evicted, reference in zip(scores, full):
+        agree = (evicted >= threshold) == (reference >= threshold)
+        _record_shadow(moderator, "agree" if agree else "disagree", 1, abs(evicted - reference))
+
+
+_SHADOW_METRICS = None
+
+
+def _record_shadow(moderator: Moderator, outcome: str, count: int, diff: float | None = None) -> None:
+    global _SHADOW_METRICS
+    import prometheus_client as prom
+
+    if _SHADOW_METRICS is None:
+        _SHADOW_METRICS = (
+            prom.Counter("restkv_moderation_shadow_checks", "Inputs of /v1/moderations scored again with eviction "
+                         "off (shadow_rate), by outcome: agree / disagree (same verdict as the answered score or "
+                         "not), skipped (the KV cache cannot hold it without eviction), error",
+                         ["model_name", "outcome"]),
+            prom.Histogram("restkv_moderation_shadow_score_diff", "|answered score - score with eviction off| of "
+                           "the shadow-checked inputs", ["model_name"], buckets=SHADOW_DIFF_BUCKETS))
+    checks, diffs = _SHADOW_METRICS
+    name = moderator.served_names[0]
+    checks.labels(model_name=name, outcome=outcome).inc(count)
+    if diff is not None:
+        diffs.labels(model_name=name).observe(diff)
 
 
 _COUNTER = None
