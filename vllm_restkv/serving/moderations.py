@@ -410,18 +410,21 @@ async def _handle(raw_request: Request, raw_body: bytes) -> Any:
     from vllm_restkv.engine.worker_state import request_overrides
 
     policy, budget = request_overrides(xargs, moderator.eviction)  # what the engine applies to these requests
+    during_prefill = evicts_during_prefill(xargs, moderator.eviction)
     extension = {
         "policy": policy,
         "scoring": moderator.scan if moderator.runner == "pooling" else "answer_logprobs",
         "budget": budget if policy != NO_EVICTION else None,
-        "evict_during_prefill": evicts_during_prefill(xargs, moderator.eviction) if policy != NO_EVICTION else None,
+        "evict_during_prefill": during_prefill if policy != NO_EVICTION else None,
         "inputs": [{"prompt_tokens": sum(len(p) for p in segs), "input_tokens": n, "segments": len(segs)}
                    for segs, n, _ in split],
         "seconds": round(time.perf_counter() - started, 4),
     }
     for result in results:
         _count(raw_request, result["flagged"])
-    if policy != NO_EVICTION and moderator.eviction.shadow_rate > 0 and random.random() < moderator.eviction.shadow_rate:
+    # (a verdict is read at the prompt's end: without eviction during prefill, it is the full cache's already)
+    rate = moderator.eviction.shadow_rate
+    if policy != NO_EVICTION and during_prefill and rate > 0 and random.random() < rate:
         # started here, awaited by nobody: the answer does not wait for it (kept referenced until it ends)
         task = asyncio.create_task(shadow_check(moderator, state, prompts, reads, owner, model, scores))
         _SHADOW_TASKS.add(task)
