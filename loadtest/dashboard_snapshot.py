@@ -132,20 +132,28 @@ def main() -> int:
     p.add_argument("--seconds", type=float, default=150, help="how long to drive load")
     p.add_argument("--workers", type=int, default=4, help="concurrent clients")
     p.add_argument("--budget", type=int, default=256)
+    p.add_argument("--shadow-rate", type=float, default=0.25,
+                   help="--kv-eviction-shadow-rate of the server (the shadow-check panels)")
     p.add_argument("--out", type=Path, default=REPO / "docs" / "dashboard.png")
     args = p.parse_args()
     model = prepare_moderator(log=log)
     work = REPO / ".cache" / "dashboard-snapshot"
     work.mkdir(parents=True, exist_ok=True)
     serve_args = ["--runner", "pooling", "--max-model-len", "4096", "--max-num-batched-tokens", "512",
-                  "--kv-eviction", "restkv", "--kv-eviction-budget", str(args.budget)]
+                  "--kv-eviction", "restkv", "--kv-eviction-budget", str(args.budget),
+                  "--kv-eviction-shadow-rate", str(args.shadow_rate)]
     log("starting the server and Prometheus ...")
     with running_server(model, serve_args, work / "serve.log", env=server_env(VLLM_PLUGINS=PLUGINS)) as s, \
             running_prometheus([s.url.removeprefix("http://")], work / "prometheus") as prom:
         start = time.time()
         log(f"driving load for {args.seconds:.0f} s with {args.workers} clients ...")
         drive(s.url, threads_of_comments(0, 64), args.seconds, args.workers)
-        time.sleep(25)  # one more rate window of idle, so the panels show the load ending
+        time.sleep(25)  # one more rate window of idle, so the panels show the load ending (and shadow checks end)
+        metrics = httpx.get(s.url + "/metrics", timeout=30).text
+        shadow = re.findall(r'^restkv_moderation_shadow_checks_total\{[^}]*outcome="(\w+)"[^}]*\}\s+(\S+)$', metrics,
+                            re.M)
+        log(f"shadow checks (budget {args.budget}, rate {args.shadow_rate}): "
+            + (", ".join(f"{outcome} {float(n):.0f}" for outcome, n in shadow) or "none"))
         draw(prom, start - 10, time.time(), args.out)
     return 0
 
