@@ -592,3 +592,39 @@ def test_shadow_checks_compare_answered_verdicts_with_the_full_cache(moderator_m
     # a request with eviction off for itself, or none before its end (where the verdict is read), has nothing to
     # compare: no shadow check
     assert total(after, "restkv_moderation_shadow_checks_total") == len(inputs)
+
+
+def test_at_most_one_shadow_check_runs_at_a_time():
+    """A request sampled for a shadow check while another check is still running is not checked but counted as
+    `busy`: checks hold whole prompts' KV blocks and must not pile up under a burst."""
+    import asyncio
+    import types
+
+    import prometheus_client as prom
+
+    from vllm_restkv.serving import moderations
+
+    moderator = types.SimpleNamespace(served_names=["shadow-gate-test"])  # what the counters read of it
+
+    async def scenario():
+        release, ran = asyncio.Event(), []
+
+        async def check():
+            ran.append(1)
+            await release.wait()
+
+        first = moderations.start_shadow_check(moderator, check, 2)
+        second = moderations.start_shadow_check(moderator, check, 3)
+        await asyncio.sleep(0)
+        release.set()
+        await first
+        await asyncio.sleep(0)
+        third = moderations.start_shadow_check(moderator, check, 1)
+        await third
+        return first, second, third, len(ran)
+
+    first, second, third, ran = asyncio.run(scenario())
+    assert first is not None and second is None and third is not None and ran == 2
+    busy = prom.REGISTRY.get_sample_value("restkv_moderation_shadow_checks_total",
+                                          {"model_name": "shadow-gate-test", "outcome": "busy"})
+    assert busy == 3

@@ -425,10 +425,8 @@ async def _handle(raw_request: Request, raw_body: bytes) -> Any:
     # (a verdict is read at the prompt's end: without eviction during prefill, it is the full cache's already)
     rate = moderator.eviction.shadow_rate
     if policy != NO_EVICTION and during_prefill and rate > 0 and random.random() < rate:
-        # started here, awaited by nobody: the answer does not wait for it (kept referenced until it ends)
-        task = asyncio.create_task(shadow_check(moderator, state, prompts, reads, owner, model, scores))
-        _SHADOW_TASKS.add(task)
-        task.add_done_callback(_SHADOW_TASKS.discard)
+        start_shadow_check(moderator, lambda: shadow_check(moderator, state, prompts, reads, owner, model, scores),
+                           len(scores))
     return JSONResponse({"id": f"modr-{uuid.uuid4().hex}", "model": model, "results": results,
                          "restkv": extension})
 
@@ -436,6 +434,21 @@ async def _handle(raw_request: Request, raw_body: bytes) -> Any:
 _SHADOW_TASKS: set = set()
 SHADOW_XARGS = {"kv_eviction": "none"}
 SHADOW_DIFF_BUCKETS = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+# Shadow checks in flight per API server at most: each holds the KV blocks of whole prompts, so under a burst they
+# must not add up and take the cache from the traffic they check (a sampled request beyond it counts as `busy`)
+MAX_SHADOW_CHECKS = 1
+
+
+def start_shadow_check(moderator: Moderator, check, inputs: int) -> asyncio.Task | None:
+    """Start `check()` (a shadow_check coroutine) in the background unless MAX_SHADOW_CHECKS are running already;
+    the answer never waits for it. The task stays referenced until it ends."""
+    if len(_SHADOW_TASKS) >= MAX_SHADOW_CHECKS:
+        _record_shadow(moderator, "busy", inputs)
+        return None
+    task = asyncio.create_task(check())
+    _SHADOW_TASKS.add(task)
+    task.add_done_callback(_SHADOW_TASKS.discard)
+    return task
 
 
 async def shadow_check(moderator: Moderator, state, prompts: list[list[int]], reads: list[list[int]],
@@ -476,7 +489,8 @@ def _record_shadow(moderator: Moderator, outcome: str, count: int, diff: float |
         _SHADOW_METRICS = (
             prom.Counter("restkv_moderation_shadow_checks", "Inputs of /v1/moderations scored again with eviction "
                          "off (shadow_rate), by outcome: agree / disagree (same verdict as the answered score or "
-                         "not), skipped (the KV cache cannot hold it without eviction), error",
+                         "not), skipped (the KV cache cannot hold it without eviction), busy (another check was "
+                         "running), error",
                          ["model_name", "outcome"]),
             prom.Histogram("restkv_moderation_shadow_score_diff", "|answered score - score with eviction off| of "
                            "the shadow-checked inputs", ["model_name"], buckets=SHADOW_DIFF_BUCKETS))
