@@ -126,6 +126,10 @@ def test_openai_client_single_and_batch(server):
     assert all(x.flagged for x in batch.results[:3]) and not any(x.flagged for x in batch.results[3:]), scores
     # the batch result for an input matches the single result (same engine path; bf16 sums depend on the batch)
     assert abs(scores[0] - r.category_scores.harassment) < 0.01
+    # per-request settings through the client's extra_body, as on vLLM's own endpoints
+    full = client.moderations.create(input=INSULTS[0], extra_body={"vllm_xargs": {"kv_eviction": "none"}})
+    assert full.model_extra["restkv"]["policy"] == "none" and single.model_extra["restkv"]["policy"] == "restkv"
+    assert abs(full.results[0].category_scores.harassment - r.category_scores.harassment) < 0.01  # short: not evicted
 
 
 def reference_token_scores(model_dir, ids: list[int]) -> list[float]:
