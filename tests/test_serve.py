@@ -16,8 +16,9 @@ pytestmark = pytest.mark.server
 @pytest.fixture(scope="module")
 def smollm2_server(smollm2_model, tmp_path_factory):
     log = tmp_path_factory.mktemp("serve") / "server.log"
+    # every /v1/moderations request is shadow-checked (--kv-eviction-shadow-rate 1): the generate runner's path
     args = ["--max-model-len", "2048", "--dtype", SERVE_DTYPE, "--kv-eviction", "restkv",
-            "--kv-eviction-budget", "128"]
+            "--kv-eviction-budget", "128", "--kv-eviction-shadow-rate", "1"]
     # VLLM_PLUGINS must name endpoint plugins for vLLM to load them (/v1/moderations)
     env = server_env(VLLM_PLUGINS="restkv,restkv_metrics,restkv_moderations")
     with running_server(smollm2_model, args, log, env=env) as server:
@@ -195,9 +196,12 @@ def test_moderations_pass_vllm_xargs_to_the_generative_path(smollm2_server, smol
 
     from vllm_restkv.serving.moderations import DEFAULT_GENERATE
 
+    import time
+
     url = smollm2_server.url
     text = "Tell me about the weather, you absolute clown. " * 60  # ~600 tokens > budget 128
     scores = {}
+    shadow_before = httpx.get(url + "/metrics").text
     for name, xargs in (("off", {"kv_eviction": "none"}), ("on", None)):
         before = httpx.get(url + "/metrics").text
         r = httpx.post(url + "/v1/moderations", json={"input": text, "vllm_xargs": xargs}, timeout=300)
@@ -221,3 +225,20 @@ def test_moderations_pass_vllm_xargs_to_the_generative_path(smollm2_server, smol
     yes = sum(math.exp(lp) for t, lp in top.items() if t in DEFAULT_GENERATE["positive_tokens"])
     no = sum(math.exp(lp) for t, lp in top.items() if t in DEFAULT_GENERATE["negative_tokens"])
     assert abs(scores["off"] - yes / (yes + no)) < 1e-3
+    # the evicted request was shadow-checked (the other one had eviction off): one input, its score against the
+    # full cache's
+    deadline = time.monotonic() + 60
+    while True:
+        shadow = httpx.get(url + "/metrics").text
+        checks = (_metric_total(shadow, "restkv_moderation_shadow_checks_total")
+                  - _metric_total(shadow_before, "restkv_moderation_shadow_checks_total"))
+        if checks >= 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    agree = (scores["on"] >= 0.5) == (scores["off"] >= 0.5)
+    outcome = 'outcome="agree"' if agree else 'outcome="disagree"'
+    assert checks == 1 and (_metric_total(shadow, "restkv_moderation_shadow_checks_total", outcome)
+                            - _metric_total(shadow_before, "restkv_moderation_shadow_checks_total", outcome)) == 1
+    diff = (_metric_total(shadow, "restkv_moderation_shadow_score_diff_sum")
+            - _metric_total(shadow_before, "restkv_moderation_shadow_score_diff_sum"))
+    assert abs(diff - abs(scores["on"] - scores["off"])) < 1e-3, (diff, scores)
