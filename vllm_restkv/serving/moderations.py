@@ -201,7 +201,7 @@ class Moderator:
 
             class ClassificationWithEvictionArgs(ClassificationCompletionRequest):
                 """vLLM's classify request whose PoolingParams carry the moderation request's eviction settings
-                (PoolingParams.extra_kwargs: where the engine side reads a pooling request's, worker_state.extra_args)."""
+                (in PoolingParams.extra_kwargs, where the engine reads a pooling request's: worker_state.extra_args)."""
 
                 restkv_xargs: dict | None = None
 
