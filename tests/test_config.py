@@ -53,6 +53,7 @@ def test_full_settings_roundtrip():
         ({"policy": "restkv", "projection_dtype": "fp16"}, "unknown projection_dtype 'fp16'; allowed: auto, float32"),
         ({"policy": "restkv", "budgt": 64}, "unknown setting(s) ['budgt']"),
         ({"policy": "restkv", "shadow_rate": 1.5}, "shadow_rate must be in [0, 1]"),
+        ({"policy": "restkv", "carry": 1.0}, "carry must be in [0, 1)"),
         ({"policy": "restkv", "shadow_rate": "nan"}, "shadow_rate must be in [0, 1]"),
         ({"policy": "restkv", "shadow_rate": 0.1, "allow_request_override": False}, "shadow_rate needs allow_request"),
         ("{not json", "invalid JSON"),
@@ -219,7 +220,7 @@ def test_onednn_primitive_cache_is_turned_off_on_cpu_unless_the_user_set_it(monk
 
 # A value other than the default for every policy setting (config.POLICY_SETTINGS)
 NON_DEFAULT_SETTINGS = {"window": 16, "alpha": 0.5, "beta": 100.0, "kernel_size": 3, "gqa_agg": "max",
-                        "projection_dtype": "float32"}
+                        "carry": 0.5, "projection_dtype": "float32"}
 
 
 def test_every_policy_setting_reaches_the_policies():

@@ -266,3 +266,18 @@ def test_inputs_longer_than_the_whole_kv_cache(tiny_model):
     assert small["final_free_blocks"] == small["idle_free_blocks"]
     assert small["stats"]["events"] == large["stats"]["events"]
     assert small["tokens"] == large["tokens"]
+
+
+def test_restkv_carry_reaches_the_engine_and_changes_what_is_kept(tiny_model):
+    """`carry` (ReST-KV's blend with the previous eviction's scores) through the engine: its per-token state follows
+    the kept tokens across chunk-boundary evictions (policies.base.after_select). The same prompt with carry 0 and
+    0.5 keeps other tokens (so the log-probs differ) while both evict at the same points and return every block."""
+    prompt = prompt_ids(1000, seed=70)
+    runs = [run_engine({"model": str(tiny_model), "prompts": [prompt], "max_tokens": 8,
+                        "kv_eviction": {"policy": "restkv", "budget": 160, "carry": carry},
+                        "llm": {"max_num_batched_tokens": 256}}) for carry in (0.0, 0.5)]
+    for result in runs:
+        assert result["stats"]["events"] == {"prefill": 4}  # at 256, 512, 768 and after the prompt (1000)
+        assert result["final_free_blocks"] == result["idle_free_blocks"]
+    plain, carried = (torch.tensor(r["logprobs"][0]) for r in runs)
+    assert (plain - carried).abs().max() > 1e-4, (plain - carried).abs().max()

@@ -46,6 +46,9 @@ class KVEvictionConfig:
     beta: float = 2000.0
     kernel_size: int = 5
     gqa_agg: str = "mean"
+    # ReST-KV across repeated evictions (chunk boundaries, decode): 0 scores the cache afresh each time; c > 0 blends
+    # a token's new score with its previous one, (1 - c) new + c old (policies/restkv.py).
+    carry: float = 0.0
     # ReST-KV's W_o projection matmul: auto (bfloat16 on a GPU or a CPU with native bf16, else float32), float32,
     # bfloat16 (vllm_restkv.scoring.projection_matmul_dtype).
     projection_dtype: str = "auto"
@@ -155,6 +158,8 @@ class KVEvictionConfig:
             raise KVEvictionConfigError(
                 "kv_eviction: shadow_rate needs allow_request_override (a shadow check turns eviction off for its "
                 "own requests)")
+        if not 0.0 <= self.carry < 1.0:
+            raise KVEvictionConfigError(f"kv_eviction: carry must be in [0, 1), got {self.carry}")
         if self.projection_dtype not in PROJECTION_DTYPES:
             raise KVEvictionConfigError(
                 f"kv_eviction: unknown projection_dtype {self.projection_dtype!r}; "
@@ -165,7 +170,7 @@ class KVEvictionConfig:
 GQA_AGGREGATIONS = ("mean", "max", "mean_raw", "layer")  # vllm_restkv.scoring.GQA_MODES
 PROJECTION_DTYPES = ("auto", "float32", "bfloat16")  # vllm_restkv.scoring.PROJECTION_DTYPES
 # Fields handed to the policies; the others (policy, budget, where eviction runs, overrides) steer the engine.
-POLICY_SETTINGS = ("window", "alpha", "beta", "kernel_size", "gqa_agg", "projection_dtype")
+POLICY_SETTINGS = ("window", "alpha", "beta", "kernel_size", "gqa_agg", "carry", "projection_dtype")
 
 
 _warned: set[str] = set()

@@ -22,7 +22,7 @@ MODES = ("after", "before")
 class RestKV(EvictionPolicy):
     name = "restkv"
     needs_o_proj = True
-    settings = ("window", "alpha", "beta", "kernel_size", "gqa_agg", "projection_dtype")
+    settings = ("window", "alpha", "beta", "kernel_size", "gqa_agg", "carry", "projection_dtype")
 
     def __init__(self, window: int = 32, alpha: float = 0.3, beta: float = 2000.0, kernel_size: int = 5,
                  gqa_agg: str = "mean", mode: str = "after", carry: float = 0.0, projection_dtype: str = "auto", **_):
