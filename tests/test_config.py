@@ -299,6 +299,9 @@ def test_a_setting_the_policy_ignores_is_warned_about_once():
         assert KVEvictionConfig.from_value({"policy": "restkv", "alpha": 1.0}).ignored_settings() == []
         assert KVEvictionConfig.from_value({"policy": "none", "window": 16}).ignored_settings() == ["window"]
         assert collect.messages[-1] == "kv_eviction: window=16 not used: eviction is off (policy 'none')"
+        assert KVEvictionConfig.from_value({"shadow_rate": 0.5}).ignored_settings() == ["shadow_rate"]
+        assert collect.messages[-1] == "kv_eviction: shadow_rate=0.5 not used: eviction is off (policy 'none')"
+        assert KVEvictionConfig.from_value({"policy": "snapkv", "shadow_rate": 0.5}).ignored_settings() == []
         # defaults are not "changed", even when given explicitly (the CLI hands on full dicts)
         assert KVEvictionConfig.from_value({"policy": "tova", "alpha": 0.3}).ignored_settings() == []
         # through the `vllm serve` flags

@@ -69,11 +69,13 @@ class KVEvictionConfig:
 
     def ignored_settings(self) -> list[str]:
         """Policy settings changed from their defaults that the server's policy does not use (a request that picks
-        another policy through vllm_xargs may still use them). Changed, not given: the CLI hands on full dicts."""
+        another policy through vllm_xargs may still use them), and shadow_rate without eviction (nothing to check).
+        Changed, not given: the CLI hands on full dicts."""
         from vllm_restkv.policies import POLICIES
 
         used, defaults = POLICIES[self.policy].settings, KVEvictionConfig()
-        return [name for name in POLICY_SETTINGS if name not in used and getattr(self, name) != getattr(defaults, name)]
+        names = [name for name in POLICY_SETTINGS if name not in used and getattr(self, name) != getattr(defaults, name)]
+        return names + (["shadow_rate"] if not self.enabled and self.shadow_rate > 0 else [])
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -454,12 +454,13 @@ def start_shadow_check(moderator: Moderator, check, inputs: int) -> asyncio.Task
 async def shadow_check(moderator: Moderator, state, prompts: list[list[int]], reads: list[list[int]],
                        owner: list[int], model: str, scores: list[float]) -> None:
     """Score the same prompts again with eviction off for them and record, per input, whether the verdict agrees
-    with the answered one and by how much the score differs (shadow_rate). Never raises: an input the KV cache
-    cannot hold without eviction is `skipped`, anything else that fails an `error`; the answer has gone already."""
+    with the answered one and by how much the score differs (shadow_rate). Never raises: on a server whose KV cache
+    is smaller than --max-model-len (where no request may turn eviction off) the inputs are `skipped`, anything
+    else that fails is an `error`; the answer has gone already."""
     from vllm_restkv.config import KVEvictionConfigError, validate_request_args
 
     try:
-        validate_request_args(SHADOW_XARGS)  # the cache may be too small to hold a whole prompt
+        validate_request_args(SHADOW_XARGS)  # refused where the cache is smaller than --max-model-len
     except KVEvictionConfigError:
         _record_shadow(moderator, "skipped", len(scores))
         return
@@ -489,8 +490,8 @@ def _record_shadow(moderator: Moderator, outcome: str, count: int, diff: float |
         _SHADOW_METRICS = (
             prom.Counter("restkv_moderation_shadow_checks", "Inputs of /v1/moderations scored again with eviction "
                          "off (shadow_rate), by outcome: agree / disagree (same verdict as the answered score or "
-                         "not), skipped (the KV cache cannot hold it without eviction), busy (another check was "
-                         "running), error",
+                         "not), skipped (the KV cache is smaller than --max-model-len: eviction cannot be turned "
+                         "off), busy (another check was running), error",
                          ["model_name", "outcome"]),
             prom.Histogram("restkv_moderation_shadow_score_diff", "|answered score - score with eviction off| of "
                            "the shadow-checked inputs", ["model_name"], buckets=SHADOW_DIFF_BUCKETS))
