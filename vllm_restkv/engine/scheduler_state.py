@@ -104,9 +104,8 @@ class SchedulerEviction:
 
     def align_chunk(self, request: Any, num_computed_tokens: int, num_new_tokens: int) -> int:
         """Cut an evicting request's prefill chunk at the next multiple of the stride (see prefill_stride)."""
-        if not evicts_during_prefill(extra_args(request), self.config):
-            return num_new_tokens
-        if request_overrides(extra_args(request), self.config)[0] == NO_EVICTION:
+        extra = extra_args(request)
+        if not evicts_during_prefill(extra, self.config) or request_overrides(extra, self.config)[0] == NO_EVICTION:
             return num_new_tokens
         # a decode step (one token) never crosses a multiple; the last chunk of a prompt must not either
         boundary = (num_computed_tokens // self.prefill_stride + 1) * self.prefill_stride
@@ -151,8 +150,9 @@ class SchedulerEviction:
         the decode growth between decode evictions, if larger). Pooling requests too (they were sized by their
         whole prompt before 2026-12-02, so a moderation server admitted no more of them than vanilla vLLM)."""
         full = request.num_tokens
-        policy, budget = request_overrides(extra_args(request), self.config)
-        if policy == NO_EVICTION or budget >= full or not evicts_during_prefill(extra_args(request), self.config):
+        extra = extra_args(request)
+        policy, budget = request_overrides(extra, self.config)
+        if policy == NO_EVICTION or budget >= full or not evicts_during_prefill(extra, self.config):
             return full
         if request.sampling_params is None:  # pooling: ends with its prompt
             return min(full, budget + self.prefill_stride)

@@ -175,9 +175,10 @@ class WorkerEviction:
         state = self.requests.get(req_id)
         if state is None:
             req = self.runner.requests[req_id]
-            policy, budget = request_overrides(extra_args(req), self.config)
+            extra = extra_args(req)
+            policy, budget = request_overrides(extra, self.config)
             state = RequestState(slot=self._slot(), policy_name=policy, budget=budget,
-                                 during_prefill=evicts_during_prefill(extra_args(req), self.config))
+                                 during_prefill=evicts_during_prefill(extra, self.config))
             self.requests[req_id] = state
         return state
 
