@@ -168,7 +168,7 @@ def engine_sizes(length: int = 768, budget: int = 256, calls: int = 400) -> None
     print(f"| policy | select (ms), {h} query / {h_kv} KV heads, L={length}, budget {budget}, 1 thread |")
     print("|---|---|")
     projection = str(projection_matmul_dtype("auto", kv.key)).removeprefix("torch.")
-    runs = [("restkv", {}), ("restkv", {"projection_dtype": "float32"})]
+    runs = [("restkv", {}), ("restkv", {"projection_dtype": "float32"}), ("restkv", {"official_zero_shift": True})]
     runs += [(name, {}) for name in ("snapkv", "h2o", "tova", "streamingllm")]
     policies = [get_policy(name, window=WINDOW, **settings) for name, settings in runs]
     batch = 10  # calls per timed run; the policies' runs interleave (timed_together), 1 + calls / batch each
@@ -179,6 +179,8 @@ def engine_sizes(length: int = 768, budget: int = 256, calls: int = 400) -> None
     times = timed_together([calls_of(policy) for policy in policies], calls // batch)
     for (name, settings), seconds in zip(runs, times):
         label = name if name != "restkv" else f"restkv ({settings.get('projection_dtype', projection)} projection)"
+        if settings.get("official_zero_shift"):
+            label = f"restkv ({projection} projection, drift computed: official zero-drift shift)"
         print(f"| {label} | {seconds / batch * 1e3:.2f} |")
     print(f"\ncommand: {' '.join(sys.argv)}; torch {torch.__version__}; median of {calls // batch} interleaved runs of "
           f"{batch} calls")

@@ -88,13 +88,14 @@ def brute_drift(attn, n):
     return s
 
 
-def brute_aws(scores, s, beta, k_min):
-    """Box filter of width k centred on j + m with index clamping (replicate padding)."""
+def brute_aws(scores, s, beta, k_min, official_zero_shift=False):
+    """Box filter of width k centred on j + m with index clamping (replicate padding); m = trunc(s / beta), and +1 at
+    s = 0 in the official code."""
     H, P = scores.shape
     out = torch.zeros(H, P, dtype=F64)
     for h in range(H):
         k = max(k_min, 2 * math.floor(abs(s[h]) / beta) + 1)
-        m = math.trunc(s[h] / beta) if s[h] != 0 else 1
+        m = 1 if s[h] == 0 and official_zero_shift else math.trunc(s[h] / beta)
         for j in range(P):
             idx = [min(max(j + m + u, 0), P - 1) for u in range(-(k // 2), k // 2 + 1)]
             out[h, j] = sum(float(scores[h, i]) for i in idx) / k
@@ -233,8 +234,56 @@ def test_aws_with_kernel_growth_and_shift(beta):
                           atol=1e-14)
 
 
-def test_aws_shift_quirk_at_zero_drift():
-    assert scoring.aws_kernel_and_shift(torch.tensor([0.0, -4.0, 4.0, -3.9]), 2.0, 3) == ([3, 5, 5, 3], [1, -1, 2, -1])
+def test_aws_shift_at_zero_drift_official_quirk_and_ours():
+    s = torch.tensor([0.0, -4.0, 4.0, -3.9])
+    assert scoring.aws_kernel_and_shift(s, 2.0, 3, official_zero_shift=True) == ([3, 5, 5, 3], [1, -1, 2, -1])
+    assert scoring.aws_kernel_and_shift(s, 2.0, 3) == ([3, 5, 5, 3], [0, -1, 2, -1])  # no drift, no shift
+
+
+def drift_extreme_attention(h, w, length, n):
+    """Attention whose drift is the largest possible, s = L - n: the early half of the window attends to the last n
+    keys, the late half to the first n (the rest of each row gets less)."""
+    attn = torch.full((h, w, length), 0.1, dtype=F64)
+    attn[:, : w // 2, length - n:] = 1.0
+    attn[:, w // 2:, :n] = 1.0
+    return attn / attn.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_aws_skips_the_drift_only_where_no_drift_can_change_the_pool(seed):
+    """Below beta = L - n + 1 the pool is k_min and m = 0 without computing the drift; it must equal the brute force
+    on any attention, including the one with the largest drift; at beta = L - n that attention must shift."""
+    g = torch.Generator().manual_seed(40 + seed)
+    h, w, length, n = 3, 8, 30, 6
+    scores = torch.rand(h, length - w, generator=g, dtype=F64)
+    extreme = drift_extreme_attention(h, w, length, n)
+    assert brute_drift(extreme, n) == [length - n] * h
+    for attn in (torch.softmax(3 * torch.randn(h, w, length, generator=g, dtype=F64), -1), extreme):
+        s = brute_drift(attn, n)
+        for beta in (length - n + 1, length - n, 0.5 * (length - n), 3.0):
+            for official in (False, True):
+                got = scoring.adaptive_window_pool(scores, attn, n, beta, 3, official_zero_shift=official)
+                assert torch.allclose(got, brute_aws(scores, s, beta, 3, official), atol=1e-14), (beta, official)
+    shifted = scoring.adaptive_window_pool(scores, extreme, n, length - n, 3)
+    assert not torch.allclose(shifted, scoring.adaptive_window_pool(scores, extreme, n, length - n + 1, 3))
+    # with n >= L (every key in both top-n sets) s = 0: the official code shifts by one, ours does not
+    uniform = torch.full((h, w, length), 1 / length, dtype=F64)
+    assert torch.allclose(scoring.adaptive_window_pool(scores, uniform, length, 2000.0, 3),
+                          brute_aws(scores, [0.0] * h, 2000.0, 3))
+    assert torch.allclose(scoring.adaptive_window_pool(scores, uniform, length, 2000.0, 3, official_zero_shift=True),
+                          brute_aws(scores, [0.0] * h, 2000.0, 3, official_zero_shift=True))
+
+
+def test_aws_skip_does_not_run_the_drift(monkeypatch):
+    calls = []
+    real = scoring.drift_score
+    monkeypatch.setattr(scoring, "drift_score", lambda attn, n: calls.append(n) or real(attn, n))
+    attn = torch.softmax(torch.randn(2, 8, 40, dtype=F64), -1)
+    scores = torch.rand(2, 32, dtype=F64)
+    scoring.adaptive_window_pool(scores, attn, 10, 31.0, 5)  # L - n = 30 < beta
+    assert calls == []
+    scoring.adaptive_window_pool(scores, attn, 10, 30.0, 5)
+    assert calls == [10]
 
 
 def test_o5_qr_norm_equals_the_explicit_projection():
@@ -718,3 +767,15 @@ def test_after_select_gathers_state_and_rejects_stale_state():
     kv.state["tag"] = torch.zeros(2, 30)
     with pytest.raises(RuntimeError):
         evict(policy, kv, 20)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_restkv_keeps_what_the_official_zero_shift_keeps_where_the_drift_is_not_zero(seed):
+    """The skipped drift (L - n < beta) and the computed one give the same selection unless s is exactly 0."""
+    kv = random_kv(60 + seed, L=96, w=8, dtype=torch.float64)
+    ours, official = get_policy("restkv", window=8), get_policy("restkv", window=8, official_zero_shift=True)
+    for budget in (16, 40, 72):
+        attn = scoring.window_attention(kv.query, kv.key)
+        assert (scoring.drift_score(attn, budget - 8) != 0).all()
+        assert torch.equal(ours.select(kv, budget), official.select(kv, budget))
+        assert torch.allclose(ours.score(kv, budget=budget), official.score(kv, budget=budget), atol=0, rtol=0)

@@ -315,22 +315,34 @@ def kth_largest(x: torch.Tensor, k: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(kth)).to(x.dtype).view(-1, 1)
 
 
-def aws_kernel_and_shift(s: torch.Tensor, beta: float, k_min: int) -> tuple[list[int], list[int]]:
+def aws_kernel_and_shift(s: torch.Tensor, beta: float, k_min: int, official_zero_shift: bool = False
+                         ) -> tuple[list[int], list[int]]:
     """Per head k = max(k_min, 2 floor(|s|/beta) + 1) and m = floor(s/beta) if s > 0 else floor(s/beta) + 1 (the
-    official code's rule, including its quirk m = +1 at s = 0)."""
+    official code's rule), except that no drift (s = 0) means no shift, m = 0; the official code's m = +1 there is
+    an artefact of its sign test (`official_zero_shift=True` keeps it)."""
     ks, ms = [], []
     for value in s.tolist():
         ks.append(max(k_min, 2 * math.floor(abs(value) / beta) + 1))
-        ms.append(math.floor(value / beta) if value > 0 else math.floor(value / beta) + 1)
+        if value == 0 and not official_zero_shift:
+            ms.append(0)
+        else:
+            ms.append(math.floor(value / beta) if value > 0 else math.floor(value / beta) + 1)
     return ks, ms
 
 
 def adaptive_window_pool(scores: torch.Tensor, attn: torch.Tensor, budget_prefix: int, beta: float = 2000.0,
-                         k_min: int = 5) -> torch.Tensor:
+                         k_min: int = 5, official_zero_shift: bool = False) -> torch.Tensor:
     """Adaptive window-based smoothing of scores [H, P]: per head a box filter of width k_h centred on j + m_h with
     replicate padding; k_h and m_h follow the drift of the top `budget_prefix` keys across the window attention
-    attn [H, w, L] (section 4; oracle O4)."""
-    ks, ms = aws_kernel_and_shift(drift_score(attn, budget_prefix), beta, k_min)
+    attn [H, w, L] (section 4; oracle O4).
+
+    The drift is a mean difference of the mean positions of two sets of n keys among L, so |s| <= L - n; below beta
+    every head gets k = k_min and m = 0 whatever s is, and the drift's top-n selections (a quarter of ReST-KV's
+    select at 768 tokens) are skipped. On SmolLM2's attention |s| stayed under 340 tokens and was never 0."""
+    length = attn.shape[-1]
+    if not official_zero_shift and length - min(budget_prefix, length) < beta:
+        return _shifted_box(scores, max(k_min, 1), 0)
+    ks, ms = aws_kernel_and_shift(drift_score(attn, budget_prefix), beta, k_min, official_zero_shift)
     heads_by_shape: dict[tuple[int, int], list[int]] = {}
     for h, shape in enumerate(zip(ks, ms)):
         heads_by_shape.setdefault(shape, []).append(h)

@@ -25,7 +25,7 @@ class RestKV(EvictionPolicy):
     settings = ("window", "alpha", "beta", "kernel_size", "gqa_agg", "carry", "projection_dtype")
 
     def __init__(self, window: int = 32, alpha: float = 0.3, beta: float = 2000.0, kernel_size: int = 5,
-                 gqa_agg: str = "mean", mode: str = "after", carry: float = 0.0, projection_dtype: str = "auto", **_):
+                 gqa_agg: str = "mean", mode: str = "after", carry: float = 0.0, projection_dtype: str = "auto", official_zero_shift: bool = False, **_):
         super().__init__(window=window, gqa_agg=gqa_agg)
         if mode not in MODES:
             raise ValueError(f"unknown ReST-KV mode {mode!r}; allowed: {', '.join(MODES)}")
@@ -36,6 +36,9 @@ class RestKV(EvictionPolicy):
                              f"allowed: {', '.join(scoring.PROJECTION_DTYPES)}")
         self.alpha, self.beta, self.kernel_size, self.mode, self.carry = alpha, beta, kernel_size, mode, carry
         self.projection_dtype = projection_dtype  # the W_o projection's matmul: scoring.projection_matmul_dtype
+        # True: the official code's shift by +1 at zero drift, which also means computing the drift on every call
+        # (scoring.adaptive_window_pool); for comparisons with the official code, not a server setting
+        self.official_zero_shift = official_zero_shift
 
     def raw_scores(self, kv: LayerKV) -> tuple[torch.Tensor, torch.Tensor]:
         """([H, P] raw per-query-head scores, [H, w, L] window attention) of a logical view."""
@@ -56,7 +59,8 @@ class RestKV(EvictionPolicy):
 
     def prefix_scores(self, kv: LayerKV, n: int) -> torch.Tensor:
         raw, attn = self.raw_scores(kv)
-        smoothed = scoring.adaptive_window_pool(raw, attn, n, self.beta, self.kernel_size)
+        smoothed = scoring.adaptive_window_pool(raw, attn, n, self.beta, self.kernel_size,
+                                                self.official_zero_shift)
         scores = scoring.gqa_aggregate(smoothed, kv.num_kv_heads, self.gqa_agg)
         if self.carry > 0:
             old = kv.carried("restkv_carry", float("nan"))
