@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from vllm_restkv.policies import LayerKV, get_policy
-from vllm_restkv.scoring import projection_matmul_dtype, wo_factors
+from vllm_restkv.scoring import onednn_primitive_cache_off, projection_matmul_dtype, wo_factors
 
 H, H_KV, D_HEAD, D_MODEL, D_MLP, WINDOW = 9, 3, 64, 576, 1536, 32
 
@@ -167,8 +167,9 @@ def engine_sizes(length: int = 768, budget: int = 256, calls: int = 400) -> None
                  wo_factor=wo_factors(weight, h))
     print(f"| policy | select (ms), {h} query / {h_kv} KV heads, L={length}, budget {budget}, 1 thread |")
     print("|---|---|")
-    projection = str(projection_matmul_dtype("auto", kv.key)).removeprefix("torch.")
-    runs = [("restkv", {}), ("restkv", {"projection_dtype": "float32"}), ("restkv", {"official_zero_shift": True})]
+    projection = str(projection_matmul_dtype("auto", kv.key, rows=h * (length - WINDOW))).removeprefix("torch.")
+    runs = [("restkv", {}), ("restkv", {"projection_dtype": "float32"}), ("restkv", {"projection_dtype": "bfloat16"}),
+            ("restkv", {"official_zero_shift": True})]
     runs += [(name, {}) for name in ("snapkv", "h2o", "tova", "streamingllm")]
     policies = [get_policy(name, window=WINDOW, **settings) for name, settings in runs]
     batch = 10  # calls per timed run; the policies' runs interleave (timed_together), 1 + calls / batch each
@@ -178,12 +179,17 @@ def engine_sizes(length: int = 768, budget: int = 256, calls: int = 400) -> None
 
     times = timed_together([calls_of(policy) for policy in policies], calls // batch)
     for (name, settings), seconds in zip(runs, times):
-        label = name if name != "restkv" else f"restkv ({settings.get('projection_dtype', projection)} projection)"
+        label = name
+        if name == "restkv":
+            label = (f"restkv (projection_dtype {settings['projection_dtype']})" if "projection_dtype" in settings
+                     else f"restkv (projection_dtype auto: {projection})")
         if settings.get("official_zero_shift"):
-            label = f"restkv ({projection} projection, drift computed: official zero-drift shift)"
+            label = f"restkv (auto: {projection}, drift computed: official zero-drift shift)"
         print(f"| {label} | {seconds / batch * 1e3:.2f} |")
+    cache = "off, as in a CPU server" if onednn_primitive_cache_off() else "on"
     print(f"\ncommand: {' '.join(sys.argv)}; torch {torch.__version__}; median of {calls // batch} interleaved runs of "
-          f"{batch} calls")
+          f"{batch} calls; oneDNN primitive cache {cache} (ONEDNN_PRIMITIVE_CACHE_CAPACITY=0 is the plugin's default "
+          f"in a CPU server)")
 
 
 def layout_paths(length: int = 768, budget: int = 256, calls: int = 100) -> None:

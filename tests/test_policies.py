@@ -364,6 +364,19 @@ def test_projection_matmul_dtype_rule(monkeypatch):
     for native, auto in ((True, torch.bfloat16), (False, torch.float32)):
         monkeypatch.setattr(cpu, "native_bf16", lambda native=native: native)
         assert scoring.projection_matmul_dtype("auto", x32) == auto
+        # small projections stay fp32 where oneDNN's primitive cache is off (a bf16 primitive per call)
+        few, many = scoring.BF16_MIN_ROWS_WITHOUT_PRIMITIVE_CACHE - 1, scoring.BF16_MIN_ROWS_WITHOUT_PRIMITIVE_CACHE
+        for variable in ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY"):
+            monkeypatch.delenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", raising=False)
+            monkeypatch.delenv("DNNL_PRIMITIVE_CACHE_CAPACITY", raising=False)
+            assert scoring.projection_matmul_dtype("auto", x32, rows=few) == auto
+            monkeypatch.setenv(variable, "1024")
+            assert scoring.projection_matmul_dtype("auto", x32, rows=few) == auto
+            monkeypatch.setenv(variable, "0")
+            assert scoring.projection_matmul_dtype("auto", x32, rows=few) == torch.float32
+            assert scoring.projection_matmul_dtype("auto", x32, rows=many) == auto
+            assert scoring.projection_matmul_dtype("auto", x32) == auto
+            assert scoring.projection_matmul_dtype("bfloat16", x32, rows=few) == torch.bfloat16
     assert scoring.projection_matmul_dtype("float32", x32) == torch.float32
     assert scoring.projection_matmul_dtype("bfloat16", x32) == torch.bfloat16
     for setting in scoring.PROJECTION_DTYPES:  # the tests' float64 reference is never rounded

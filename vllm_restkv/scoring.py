@@ -11,6 +11,7 @@ Formulas and oracles: shared/docs/restkv-algorithm.md, sections 2-4 and 10.
 from __future__ import annotations
 
 import math
+import os
 import threading
 
 import numpy as np
@@ -104,14 +105,27 @@ def odds(a: torch.Tensor) -> torch.Tensor:
     return a / (1 - a)
 
 
-def projection_matmul_dtype(setting: str, like: torch.Tensor) -> torch.dtype:
-    """The dtype of the W_o projection's matmul when scores are computed in like.dtype on like.device.
+# Below this many projected rows (query heads x tokens) a CPU bf16 matmul loses to fp32 when oneDNN's global
+# primitive cache is off (the plugin's default on CPU, see plugin.py): each bf16 bmm then builds its oneDNN primitive
+# anew (~0.1-0.2 ms). Measured crossover at 4 heads: between 768 and 1,536 tokens (docs/benchmarks.md).
+BF16_MIN_ROWS_WITHOUT_PRIMITIVE_CACHE = 4096
+
+
+def onednn_primitive_cache_off() -> bool:
+    return "0" in (os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY"), os.environ.get("DNNL_PRIMITIVE_CACHE_CAPACITY"))
+
+
+def projection_matmul_dtype(setting: str, like: torch.Tensor, rows: int | None = None) -> torch.dtype:
+    """The dtype of the W_o projection's matmul when scores are computed in like.dtype on like.device, for `rows`
+    projected vectors (query heads x tokens; None: many).
 
     float64 stays float64 (the tests' reference). "auto" is bfloat16 where bf16 matmuls are native (a CUDA device
     with bf16, a CPU with AVX512-BF16 or AMX), else float32. On such a CPU the matmul ran 4-6x faster in bf16 and
     the whole projection step (difference and norm stay fp32; products accumulate in fp32) about 2x at 4k-16k
     tokens; a score moves by bf16 rounding (~0.4%), and the engine's fidelity to the full cache did not measurably
-    change (docs/benchmarks.md, "ReST-KV's projection in bfloat16").
+    change (docs/benchmarks.md, "ReST-KV's projection in bfloat16"). Except on a CPU whose oneDNN primitive cache
+    is off, for fewer than BF16_MIN_ROWS_WITHOUT_PRIMITIVE_CACHE rows: building the bf16 primitive costs more there
+    than bf16 saves.
     """
     if setting not in PROJECTION_DTYPES:
         raise ValueError(f"unknown projection_dtype {setting!r}; allowed: {', '.join(PROJECTION_DTYPES)}")
@@ -124,6 +138,8 @@ def projection_matmul_dtype(setting: str, like: torch.Tensor) -> torch.dtype:
     if like.device.type == "cpu":
         from vllm_restkv.cpu import native_bf16
 
+        if rows is not None and rows < BF16_MIN_ROWS_WITHOUT_PRIMITIVE_CACHE and onednn_primitive_cache_off():
+            return like.dtype
         return torch.bfloat16 if native_bf16() else like.dtype
     return like.dtype
 
