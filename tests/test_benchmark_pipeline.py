@@ -324,7 +324,8 @@ def test_merge_accuracy_names_settings_and_refuses_other_items():
 @pytest.mark.parametrize("mode", ["--quick", "--engine-sizes"])
 def test_scoring_benchmark_runs_and_reports_both_projections(mode):
     """The scoring micro-benchmark (issue #3's table) runs end to end; ReST-KV appears with its default projection
-    and with the float32 one, and every time is a positive number."""
+    and with the float32 one (at engine sizes also with bfloat16 and with the official zero-drift rule), and every
+    time is a positive number."""
     proc = subprocess.run([sys.executable, str(REPO / "loadtest" / "bench_scoring.py"), mode], capture_output=True,
                           text=True, timeout=300, check=True)
     rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines()
@@ -334,7 +335,10 @@ def test_scoring_benchmark_runs_and_reports_both_projections(mode):
         times = [float(r[i]) for r in rows for i in (1, 2, 3)]  # ReST-KV (auto), ReST-KV (float32), SnapKV
     else:
         names = [r[0].strip() for r in rows]
-        assert names[1] == "restkv (float32 projection)" and names[0].startswith("restkv (")
-        assert names[2:] == ["snapkv", "h2o", "tova", "streamingllm"]
+        assert names[0].startswith("restkv (projection_dtype auto: ")
+        assert names[1:3] == ["restkv (projection_dtype float32)", "restkv (projection_dtype bfloat16)"]
+        assert names[3].startswith("restkv (auto: ") and "official zero-drift shift" in names[3]
+        assert names[4:] == ["snapkv", "h2o", "tova", "streamingllm"]
+        assert "oneDNN primitive cache o" in proc.stdout  # on or off: the env var may be inherited from vLLM runs
         times = [float(r[1]) for r in rows]
     assert all(t > 0 for t in times)

@@ -354,7 +354,8 @@ def adaptive_window_pool(scores: torch.Tensor, attn: torch.Tensor, budget_prefix
 
     The drift is a mean difference of the mean positions of two sets of n keys among L, so |s| <= L - n; below beta
     every head gets k = k_min and m = 0 whatever s is, and the drift's top-n selections (a quarter of ReST-KV's
-    select at 768 tokens) are skipped. On SmolLM2's attention |s| stayed under 340 tokens and was never 0."""
+    select at 768 tokens) are skipped. On SmolLM2's attention |s| stayed under 710 tokens up to 2k and was 0 once in
+    30,240 cases (loadtest/drift_stats.py)."""
     length = attn.shape[-1]
     if not official_zero_shift and length - min(budget_prefix, length) < beta:
         return _shifted_box(scores, max(k_min, 1), 0)

@@ -25,7 +25,8 @@ class RestKV(EvictionPolicy):
     settings = ("window", "alpha", "beta", "kernel_size", "gqa_agg", "carry", "projection_dtype")
 
     def __init__(self, window: int = 32, alpha: float = 0.3, beta: float = 2000.0, kernel_size: int = 5,
-                 gqa_agg: str = "mean", mode: str = "after", carry: float = 0.0, projection_dtype: str = "auto", official_zero_shift: bool = False, **_):
+                 gqa_agg: str = "mean", mode: str = "after", carry: float = 0.0, projection_dtype: str = "auto",
+                 official_zero_shift: bool = False, **_):
         super().__init__(window=window, gqa_agg=gqa_agg)
         if mode not in MODES:
             raise ValueError(f"unknown ReST-KV mode {mode!r}; allowed: {', '.join(MODES)}")
