@@ -792,3 +792,23 @@ def test_restkv_keeps_what_the_official_zero_shift_keeps_where_the_drift_is_not_
         assert (scoring.drift_score(attn, budget - 8) != 0).all()
         assert torch.equal(ours.select(kv, budget), official.select(kv, budget))
         assert torch.allclose(ours.score(kv, budget=budget), official.score(kv, budget=budget), atol=0, rtol=0)
+
+
+def test_restkv_projection_dtype_counts_the_rows_each_mode_projects(monkeypatch):
+    """With oneDNN's primitive cache off, "after" mode projects H x P rows (fp32 below the threshold) and "before"
+    mode H x w x P rows (bf16 from a w-times smaller prompt)."""
+    from vllm_restkv import cpu
+
+    monkeypatch.setattr(cpu, "native_bf16", lambda: True)
+    monkeypatch.setenv("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "0")
+    seen = []
+    real = scoring.projection_matmul_dtype
+    monkeypatch.setattr(scoring, "projection_matmul_dtype",
+                        lambda setting, like, rows=None: seen.append((rows, real(setting, like, rows))) or seen[-1][1])
+    kv = random_kv(7, L=96, w=8, H=4, Hkv=2)
+    for mode in ("after", "before"):
+        get_policy("restkv", window=8, mode=mode).select(kv, 40)
+    assert seen == [(4 * 88, torch.float32), (4 * 8 * 88, torch.float32)]
+    kv = random_kv(7, L=160, w=8, H=4, Hkv=2)
+    get_policy("restkv", window=8, mode="before").select(kv, 40)
+    assert seen[-1] == (4 * 8 * 152, torch.bfloat16)

@@ -55,7 +55,8 @@ class RestKV(EvictionPolicy):
         prefix = kv.length - self.window
         score_fn = (scoring.restkv_scores_from_attention if self.mode == "after"
                     else scoring.restkv_scores_before_from_attention)
-        matmul_dtype = scoring.projection_matmul_dtype(self.projection_dtype, attn, rows=h * prefix)
+        rows = h * prefix * (attn.shape[1] if self.mode == "before" else 1)  # "before" projects every window query
+        matmul_dtype = scoring.projection_matmul_dtype(self.projection_dtype, attn, rows=rows)
         return score_fn(attn, kv.value, factor, prefix, self.alpha, matmul_dtype), attn
 
     def prefix_scores(self, kv: LayerKV, n: int) -> torch.Tensor:
