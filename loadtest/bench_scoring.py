@@ -26,7 +26,8 @@ import torch
 import torch.nn.functional as F
 
 from vllm_restkv.policies import LayerKV, get_policy
-from vllm_restkv.scoring import onednn_primitive_cache_off, projection_matmul_dtype, wo_factors
+from vllm_restkv.cpu import onednn_primitive_cache_off
+from vllm_restkv.scoring import projection_matmul_dtype, wo_factors
 
 H, H_KV, D_HEAD, D_MODEL, D_MLP, WINDOW = 9, 3, 64, 576, 1536, 32
 

@@ -10,6 +10,7 @@ the benchmarks and tests default to the dtype this CPU runs fast.
 from __future__ import annotations
 
 import functools
+import os
 import platform
 
 BF16_FLAGS = ("avx512_bf16", "amx_bf16")
@@ -26,6 +27,14 @@ def cpu_flags() -> frozenset[str]:
     except OSError:
         pass
     return frozenset()
+
+
+# oneDNN's global primitive cache, sized by either variable (DNNL_ is the older name); the plugin turns it off on CPU
+ONEDNN_CACHE_ENVS = ("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "DNNL_PRIMITIVE_CACHE_CAPACITY")
+
+
+def onednn_primitive_cache_off() -> bool:
+    return any(os.environ.get(name) == "0" for name in ONEDNN_CACHE_ENVS)
 
 
 def native_bf16() -> bool:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 import os
 
+from vllm_restkv.cpu import ONEDNN_CACHE_ENVS
+
 logger = logging.getLogger("vllm.restkv")
 _registered = False
 
@@ -34,7 +36,7 @@ def register() -> None:
     )
 
 
-ONEDNN_CACHE_ENV = "ONEDNN_PRIMITIVE_CACHE_CAPACITY"
+ONEDNN_CACHE_ENV = ONEDNN_CACHE_ENVS[0]
 _ONEDNN_MARKER = "VLLM_RESTKV_SET_ONEDNN_CACHE"
 
 
@@ -52,7 +54,7 @@ def _bound_onednn_primitive_cache() -> None:
         logger.info("vllm-restkv: %s=0 (oneDNN's global primitive cache off, set by vllm-restkv for flat CPU "
                     "worker memory; set the variable yourself to override)", ONEDNN_CACHE_ENV)
         return
-    if ONEDNN_CACHE_ENV in os.environ or "DNNL_PRIMITIVE_CACHE_CAPACITY" in os.environ:
+    if any(name in os.environ for name in ONEDNN_CACHE_ENVS):
         return
     from vllm.platforms import current_platform
 

@@ -11,7 +11,6 @@ Formulas and oracles: shared/docs/restkv-algorithm.md, sections 2-4 and 10.
 from __future__ import annotations
 
 import math
-import os
 import threading
 
 import numpy as np
@@ -111,10 +110,6 @@ def odds(a: torch.Tensor) -> torch.Tensor:
 BF16_MIN_ROWS_WITHOUT_PRIMITIVE_CACHE = 4096
 
 
-def onednn_primitive_cache_off() -> bool:
-    return "0" in (os.environ.get("ONEDNN_PRIMITIVE_CACHE_CAPACITY"), os.environ.get("DNNL_PRIMITIVE_CACHE_CAPACITY"))
-
-
 def projection_matmul_dtype(setting: str, like: torch.Tensor, rows: int | None = None) -> torch.dtype:
     """The dtype of the W_o projection's matmul when scores are computed in like.dtype on like.device, for `rows`
     projected vectors (query heads x tokens; None: many).
@@ -136,7 +131,7 @@ def projection_matmul_dtype(setting: str, like: torch.Tensor, rows: int | None =
     if like.device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else like.dtype
     if like.device.type == "cpu":
-        from vllm_restkv.cpu import native_bf16
+        from vllm_restkv.cpu import native_bf16, onednn_primitive_cache_off
 
         if rows is not None and rows < BF16_MIN_ROWS_WITHOUT_PRIMITIVE_CACHE and onednn_primitive_cache_off():
             return like.dtype
