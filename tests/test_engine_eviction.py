@@ -62,7 +62,9 @@ def streaming_mask(prompt_len: int, total: int, budget: int, slack: int, chunk: 
         allowed[q, cache] = True
         if len(cache) - budget >= slack:
             cache = streaming_keep(cache, budget)
-            decode_evictions += q < total - 1  # the last token is never computed: no step evicts after it
+            # the last token is never computed, and the step that samples it (computing q = total - 2) does not
+            # evict: the request ends there (worker_state.ends_this_step)
+            decode_evictions += q < total - 2
     return allowed, decode_evictions
 
 
@@ -281,3 +283,20 @@ def test_restkv_carry_reaches_the_engine_and_changes_what_is_kept(tiny_model):
         assert result["final_free_blocks"] == result["idle_free_blocks"]
     plain, carried = (torch.tensor(r["logprobs"][0]) for r in runs)
     assert (plain - carried).abs().max() > 1e-4, (plain - carried).abs().max()
+
+
+def test_no_eviction_in_the_step_that_ends_a_request(tiny_model):
+    """A one-token verdict after a long prompt is evicted at its chunk boundaries but not after its prompt: the
+    step that samples a request's last token (max_tokens) would only compact KV about to be released. Its token is
+    the one a longer request gets first (that eviction ran after the forward anyway), and every block comes back."""
+    prompt = prompt_ids(1000, seed=75)
+    spec = {"model": str(tiny_model), "prompts": [prompt, prompt], "kv_eviction": {"policy": "restkv", "budget": 160},
+            "llm": {"max_num_batched_tokens": 256}, "params": [{"max_tokens": 1}, {"max_tokens": 6}],
+            "one_at_a_time": True}
+    result = run_engine(spec)
+    # the verdict: 256, 512, 768; the 6-token request: the same and after its prompt (1000), then nothing during
+    # decode (6 tokens never reach the decode slack)
+    assert result["stats"]["events"] == {"prefill": 3 + 4}
+    verdict, longer = result["tokens"]
+    assert len(verdict) == 1 and len(longer) == 6 and verdict[0] == longer[0]
+    assert result["final_free_blocks"] == result["idle_free_blocks"]

@@ -44,6 +44,14 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def ends_this_step(cached: Any, end: int) -> bool:
+    """Whether the token sampled in this step (after `end` computed tokens) is the request's last one by
+    max_tokens: an eviction after it would only compact KV that the request is about to release (a one-token verdict
+    after a long prompt, or a decode eviction that falls on the last step)."""
+    max_tokens = getattr(cached.sampling_params, "max_tokens", None)
+    return max_tokens is not None and end + 1 >= cached.num_prompt_tokens + max_tokens
+
+
 @dataclasses.dataclass
 class LayerInfo:
     name: str
@@ -223,7 +231,7 @@ class WorkerEviction:
                     elif (cfg.decode_interval and physical_end - state.budget
                           >= decode_slack(state.budget, cfg.decode_interval, self.block_size)):
                         phase = "decode"
-                    if phase is not None:
+                    if phase is not None and not ends_this_step(cached, end):
                         self.plan.append(PlannedEviction(req_id, row, end, physical_end, phase))
             start += sched
         self.row_offsets = offsets
