@@ -3,6 +3,9 @@
 
     .venv/bin/python loadtest/plot_cells.py docs/bench/load-tiny-256-rerun.json docs/bench/load-tiny-256-slack.json \
         --labels "2026-11-30, AVX-512" "2026-12-01, AVX2" --out docs/bench/throughput-tiny-256-machines.png
+
+A run with several budgets gets one group per budget (each against the run's `none`); the title names what every
+run shares (model, KV blocks, prompt length, max_tokens), the labels should name the rest.
 """
 
 from __future__ import annotations
@@ -19,12 +22,22 @@ def ratios(cells: list[dict]) -> dict[str, float]:
 
 
 def groups(result: dict, label: str) -> list[tuple[str, list[dict]]]:
-    """One group of bars per load level of a run (concurrency or rate): [(label, cells)]."""
+    """One group of bars per load level (concurrency or rate) and budget of a run, each with the run's `none`
+    cells of that level: [(label, cells)]."""
     load = result["load"]
     levels = sorted({c[load] for c in result["cells"]})
-    if len(levels) == 1:
-        return [(label, result["cells"])]
-    return [(f"{label}\n{load} {level}", [c for c in result["cells"] if c[load] == level]) for level in levels]
+    budgets = sorted({c["budget"] for c in result["cells"] if c.get("budget") is not None})
+    out = []
+    for level in levels:
+        cells = [c for c in result["cells"] if c[load] == level]
+        name = label if len(levels) == 1 else f"{label}\n{load} {level}"
+        if len(budgets) <= 1:
+            out.append((name, cells))
+            continue
+        unevicted = [c for c in cells if c.get("budget") is None]
+        out += [(f"{name}\nbudget {budget}", unevicted + [c for c in cells if c.get("budget") == budget])
+                for budget in budgets]
+    return out
 
 
 def main() -> int:
@@ -54,10 +67,14 @@ def main() -> int:
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(bar_groups))], [label for label, _ in bar_groups])
     ax.set_ylabel("requests/s relative to none (same run)")
-    first = runs[0]
-    cell = first["cells"][0]
-    ax.set_title(f"{first['model']}, {first['kv_blocks']} KV blocks, prompts of {first['prompt_tokens']} tokens, "
-                 f"max_tokens {cell['max_tokens']}", fontsize=9)
+    # the title names what all runs share; what differs belongs in --labels
+    shared = [f"{value}{suffix}" for key, suffix in (("model", ""), ("kv_blocks", " KV blocks"),
+                                                     ("prompt_tokens", "-token prompts"))
+              if len({str(run[key]) for run in runs}) == 1 for value in [runs[0][key]]]
+    max_tokens = {cell["max_tokens"] for run in runs for cell in run["cells"]}
+    if len(max_tokens) == 1:
+        shared.append(f"max_tokens {max_tokens.pop()}")
+    ax.set_title(", ".join(shared), fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(args.out, dpi=110)

@@ -342,3 +342,27 @@ def test_scoring_benchmark_runs_and_reports_both_projections(mode):
         assert "oneDNN primitive cache o" in proc.stdout  # on or off: the env var may be inherited from vLLM runs
         times = [float(r[1]) for r in rows]
     assert all(t > 0 for t in times)
+
+
+def test_plot_cells_draws_one_group_per_budget_against_the_runs_none(tmp_path):
+    """plot_cells.py on a run with two budgets: one group per budget, each with the run's `none` as 1.0 (before,
+    the two budgets' cells of a policy overwrote each other), and a PNG is written."""
+    sys.path.insert(0, str(REPO / "loadtest"))
+    import plot_cells
+
+    def cell(policy, budget, req_s):
+        return {"policy": policy, "budget": budget, "req_s": req_s, "concurrency": 2, "max_tokens": 1}
+
+    run = {"date": "2026-12-05", "load": "concurrency", "model": "tiny-llama", "kv_blocks": 272,
+           "prompt_tokens": 16384, "cells": [cell("none", None, 0.5), cell("restkv", 512, 2.0),
+                                             cell("restkv", 2048, 1.0), cell("tova", 512, 2.5)]}
+    got = plot_cells.groups(run, "16k")
+    assert [label for label, _ in got] == ["16k\nbudget 512", "16k\nbudget 2048"]
+    assert plot_cells.ratios(got[0][1]) == {"none": 1.0, "restkv": 4.0, "tova": 5.0}
+    assert plot_cells.ratios(got[1][1]) == {"none": 1.0, "restkv": 2.0}
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps(run))
+    out = tmp_path / "plot.png"
+    subprocess.run([sys.executable, str(REPO / "loadtest" / "plot_cells.py"), str(path), "--out", str(out)],
+                   check=True, capture_output=True)
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

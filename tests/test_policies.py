@@ -338,6 +338,57 @@ def explicit_distance(W, value, center, heads):
                         for h in range(heads)])
 
 
+def sink_case(seed, dtype):
+    """Values, centers and R factors where tokens 3 and 17 of KV head 0 nearly equal the centers of its query
+    heads (a sink with a_bar ~ 1 has o_bar ~ v_j): the expansion of the distance cancels there."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(48, 6 * 16, generator=g, dtype=F64)
+    value = torch.randn(2, 40, 16, generator=g, dtype=F64)
+    center = 0.3 * torch.randn(6, 16, generator=g, dtype=F64)
+    value[0, 3] = center[0] + 1e-3 * torch.randn(16, generator=g, dtype=F64)
+    value[0, 17] = center[1] + 1e-2 * torch.randn(16, generator=g, dtype=F64)
+    return W, value.to(dtype), center.to(dtype), scoring.wo_factors(W, 6).to(dtype)
+
+
+@pytest.mark.parametrize("dtype,tol", [(F64, 1e-10), (torch.float32, 1e-4)])
+def test_projected_distance_expanded_equals_the_explicit_projection(dtype, tol):
+    """||R(o - v)|| from carried ||R v||^2 (ReST-KV's engine path): within float rounding of the explicit W_o
+    projection everywhere, the near-sink tokens included (projected directly below the guard); without the guard
+    the fp32 expansion would be far off there."""
+    W, value, center, R = sink_case(40, dtype)
+    expect = explicit_distance(W, value.double(), center.double(), 6)
+    norms = scoring.projected_sq_norms(value, R)
+    assert rel_err(norms, explicit_distance(W, value.double(), torch.zeros(6, 16, dtype=F64), 6) ** 2) < tol
+    got = scoring.projected_distance_expanded(value, center, R, norms, scoring.EXPANSION_GUARD[dtype])
+    assert got.dtype == dtype and rel_err(got, expect) < tol
+    if dtype == torch.float32:
+        unguarded = scoring.projected_distance_expanded(value, center, R, norms, 0.0)
+        assert rel_err(unguarded[:2, [3, 17]], expect[:2, [3, 17]]) > 1e-3
+        assert rel_err(unguarded[:, 20:], expect[:, 20:]) < tol  # elsewhere it needs no guard
+
+
+def test_restkv_carried_value_norms_follow_their_tokens():
+    """ReST-KV with a request's state over three evictions (chunk boundaries, then decode-like growth): the value
+    norms are carried with the kept tokens and equal fresh ones; the scores equal stateless scoring of the same
+    cache (fp64 to 1e-10, fp32 to 1e-4 relative) and the kept tokens are the same."""
+    for dtype, tol in ((F64, 1e-10), (torch.float32, 1e-4)):
+        policy = get_policy("restkv", window=8, projection_dtype="float32")
+        kv = random_kv(41, L=72, w=8, dtype=dtype)
+        for step, new in enumerate((24, 40, 12)):
+            kept = evict(policy, kv, 32)
+            norms = kv.state["restkv_vnorm"]  # [H, kept], in physical order of the kept tokens
+            factor = scoring.wo_factors(kv.o_proj_weight.to(dtype), 4)
+            fresh = scoring.projected_sq_norms(kv.value.gather(1, kept[..., None].expand(-1, -1, 8)), factor)
+            assert norms.shape == (4, 32)
+            assert rel_err(norms, fresh.double()) < tol
+            kv = next_step(kv, kept, 42 + step, new=new)
+            stateless = dataclasses.replace(kv, state=None)
+            scores, expect = policy.score(kv, budget=32), policy.score(stateless, budget=32)
+            prefix = kv.length - 8
+            assert rel_err(scores[:, :prefix], expect[:, :prefix].double()) < tol
+            assert torch.equal(policy.select(kv, 32), policy.select(stateless, 32))
+
+
 def test_projected_distance_with_a_bf16_matmul_is_within_bf16_rounding():
     """The difference is taken in fp32 and only then rounded to bf16: per token the error stays at bf16's ~0.4%
     relative, also for a sink whose o_bar nearly equals its value (projecting first would cancel there)."""
@@ -396,8 +447,9 @@ def test_projection_dtypes_are_the_configs():
 @pytest.mark.parametrize("mode", ["after", "before"])
 def test_restkv_bf16_projection_scores_close_and_float64_untouched(mode):
     """A bf16 projection moves the policy's scores by bf16 rounding only, and leaves float64 inputs exact."""
-    kv32 = random_kv(16, L=96, w=8)
-    scores = {dt: get_policy("restkv", window=8, mode=mode, projection_dtype=dt).score(kv32, budget=40)
+    # a fresh state per policy: the carried value norms belong to one request, which has one policy
+    scores = {dt: get_policy("restkv", window=8, mode=mode, projection_dtype=dt).score(random_kv(16, L=96, w=8),
+                                                                                       budget=40)
               for dt in ("float32", "bfloat16")}
     prefix = slice(0, 96 - 8)
     assert rel_err(scores["bfloat16"][:, prefix], scores["float32"][:, prefix].double()) < 3e-2
@@ -644,13 +696,14 @@ def test_pyramidkv_keeps_the_layer_budget_with_snapkv_scores():
 
 @pytest.mark.parametrize("name", ["restkv", "snapkv", "h2o", "tova", "streamingllm", "random"])
 def test_physical_order_does_not_matter(name):
-    """Rows permuted differently per head give the same kept tokens and the same per-token scores."""
-    kv = random_kv(25, L=48)
+    """Rows permuted differently per head give the same kept tokens and the same per-token scores (stateless: the
+    engine's caches are always in ascending order, and ReST-KV carries its value norms only there)."""
+    kv = random_kv(25, L=48, state=False)
     g = torch.Generator().manual_seed(0)
     perm = torch.stack([torch.randperm(48, generator=g) for _ in range(2)])
     rows = perm[..., None].expand(-1, -1, 8)
     shuffled = dataclasses.replace(kv, key=kv.key.gather(1, rows), value=kv.value.gather(1, rows),
-                                   positions=kv.positions.gather(1, perm), state={})
+                                   positions=kv.positions.gather(1, perm))
     policy = get_policy(name, window=8)
     kept = policy.select(kv, 20)
     kept_shuffled = policy.select(shuffled, 20)
@@ -805,10 +858,16 @@ def test_restkv_projection_dtype_counts_the_rows_each_mode_projects(monkeypatch)
     real = scoring.projection_matmul_dtype
     monkeypatch.setattr(scoring, "projection_matmul_dtype",
                         lambda setting, like, rows=None: seen.append((rows, real(setting, like, rows))) or seen[-1][1])
-    kv = random_kv(7, L=96, w=8, H=4, Hkv=2)
+    kv = random_kv(7, L=96, w=8, H=4, Hkv=2, state=False)
     for mode in ("after", "before"):
         get_policy("restkv", window=8, mode=mode).select(kv, 40)
     assert seen == [(4 * 88, torch.float32), (4 * 8 * 88, torch.float32)]
-    kv = random_kv(7, L=160, w=8, H=4, Hkv=2)
+    kv = random_kv(7, L=160, w=8, H=4, Hkv=2, state=False)
     get_policy("restkv", window=8, mode="before").select(kv, 40)
     assert seen[-1] == (4 * 8 * 152, torch.bfloat16)
+    # with a request's state ("after" mode) the value norms of every cached token, then of the new ones only
+    seen.clear()
+    policy, kv = get_policy("restkv", window=8), random_kv(7, L=96, w=8, H=4, Hkv=2)
+    step2 = next_step(kv, evict(policy, kv, 40), 8, new=16)
+    policy.select(step2, 40)
+    assert seen == [(4 * 96, torch.float32), (4 * 16, torch.float32)]

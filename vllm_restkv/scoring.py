@@ -197,14 +197,57 @@ def projected_distance(value: torch.Tensor, center: torch.Tensor, factor: torch.
     return out
 
 
+# The expanded distance ||R(o - v)||^2 = ||R o||^2 - 2 (R^T R o).v + ||R v||^2 loses digits where it cancels, i.e.
+# where it is small against its terms ||R o||^2 + ||R v||^2; below this fraction of them (by the precision ||R v||^2
+# was computed in) the distance is computed directly. Rounding of the terms is ~1e-16 / 1e-6 / 4e-3 of their size,
+# so the expanded distances that are kept are within ~1e-12 / 3e-5 / 1e-2 (relative) of the direct ones.
+EXPANSION_GUARD = {torch.float64: 1e-4, torch.float32: 0.05, torch.bfloat16: 0.2}
+
+
+def projected_sq_norms(value: torch.Tensor, factor: torch.Tensor, matmul_dtype: torch.dtype | None = None
+                       ) -> torch.Tensor:
+    """||R_h v_j||^2 for every query head h and token j: value [H_kv, L, d], factor [H, d, d] -> [H, L] in value's
+    dtype; the product in `matmul_dtype`. The part of ReST-KV's distance that depends on the token alone."""
+    center = value.new_zeros(factor.shape[0], value.shape[-1])
+    return projected_distance(value, center, factor, matmul_dtype=matmul_dtype).square()
+
+
+def projected_distance_expanded(value: torch.Tensor, center: torch.Tensor, factor: torch.Tensor,
+                                value_sq_norms: torch.Tensor, guard: float) -> torch.Tensor:
+    """projected_distance (||R_h (center_h - v_j)||, [H, P]) from the tokens' ||R_h v_j||^2 (`value_sq_norms`
+    [H, P], e.g. carried from an earlier eviction): ||R o||^2 - 2 (R^T R o).v_j + ||R v_j||^2 costs d per token
+    instead of d^2. Where that is below `guard` x (||R o||^2 + ||R v_j||^2) the difference is projected directly
+    (a sink with a_bar ~ 1 has o_bar ~ v_j, the case the direct form exists for)."""
+    h_kv, length, d = value.shape
+    h = center.shape[0]
+    group = h // h_kv
+    factor = factor.to(value.dtype)
+    projected_center = torch.bmm(factor, center.to(value.dtype)[:, :, None])  # R o [H, d, 1]
+    center_sq = projected_center.square().sum(dim=1)  # [H, 1]
+    pulled_back = torch.bmm(factor.transpose(1, 2), projected_center)  # R^T R o [H, d, 1]
+    cross = torch.bmm(pulled_back.view(h_kv, group, d), value.transpose(1, 2)).view(h, length)  # [H, P]
+    value_sq_norms = value_sq_norms.to(value.dtype)
+    sq = (center_sq + value_sq_norms).sub_(cross, alpha=2)
+    close = sq < guard * (center_sq + value_sq_norms)
+    out = sq.clamp_min_(0).sqrt_()
+    if bool(close.any()):
+        heads, tokens = close.nonzero(as_tuple=True)
+        diff = center.to(value.dtype)[heads] - value[heads // group, tokens]  # [N, d]
+        out[heads, tokens] = torch.linalg.vector_norm(torch.einsum("nij,nj->ni", factor[heads], diff), dim=-1)
+    return out
+
+
 def restkv_scores_from_attention(attn: torch.Tensor, value: torch.Tensor, factor: torch.Tensor, prefix: int,
-                                 alpha: float, matmul_dtype: torch.dtype | None = None) -> torch.Tensor:
+                                 alpha: float, matmul_dtype: torch.dtype | None = None,
+                                 value_sq_norms: torch.Tensor | None = None,
+                                 norms_dtype: torch.dtype | None = None) -> torch.Tensor:
     """ReST-KV "after" mode from the window attention [H, w, L]: [H, P] with P = `prefix`.
 
     a_bar = EMA over the window queries of the prefix attention; o_bar = sum_j a_bar_j v_j over the prefix only (the
     window keys are left out, as in the official code); S_j = a_bar_j / (1 - a_bar_j) * ||W_o^h (o_bar - v_j)||,
     the exact leave-one-out error of a virtual query with attention a_bar (oracle O2). `matmul_dtype`: that of the
-    W_o projection (default: attn's).
+    W_o projection (default: attn's). With `value_sq_norms` ([H, >= P]: ||R_h v_j||^2, computed in `norms_dtype`)
+    the distance is expanded around them (projected_distance_expanded) instead of projected token by token.
     """
     h, w, _ = attn.shape
     h_kv = value.shape[0]
@@ -212,7 +255,10 @@ def restkv_scores_from_attention(attn: torch.Tensor, value: torch.Tensor, factor
     weights = ema_weights(w, alpha, attn.dtype, attn.device)
     a_bar = torch.matmul(weights, attn[:, :, :prefix])  # [H, P]
     o_bar = torch.bmm(a_bar.view(h_kv, h // h_kv, prefix), v).view(h, -1)  # [H, d]
-    return odds(a_bar) * projected_distance(v, o_bar, factor, matmul_dtype=matmul_dtype)
+    if value_sq_norms is None:
+        return odds(a_bar) * projected_distance(v, o_bar, factor, matmul_dtype=matmul_dtype)
+    guard = EXPANSION_GUARD[norms_dtype or attn.dtype]
+    return odds(a_bar) * projected_distance_expanded(v, o_bar, factor, value_sq_norms[:, :prefix], guard)
 
 
 def restkv_scores_before_from_attention(attn: torch.Tensor, value: torch.Tensor, factor: torch.Tensor,
