@@ -365,6 +365,13 @@ def test_projected_distance_expanded_equals_the_explicit_projection(dtype, tol):
         unguarded = scoring.projected_distance_expanded(value, center, R, norms, 0.0)
         assert rel_err(unguarded[:2, [3, 17]], expect[:2, [3, 17]]) > 1e-3
         assert rel_err(unguarded[:, 20:], expect[:, 20:]) < tol  # elsewhere it needs no guard
+    # most tokens of a head cancelling (near-identical values): the direct form for all
+    same = center[4] + 1e-3 * torch.randn(value.shape[1], 16, generator=torch.Generator().manual_seed(1)).to(dtype)
+    value = torch.stack([value[0], same])
+    expect = explicit_distance(W, value.double(), center.double(), 6)
+    got = scoring.projected_distance_expanded(value, center, R, scoring.projected_sq_norms(value, R),
+                                              scoring.EXPANSION_GUARD[dtype])
+    assert rel_err(got, expect) < tol
 
 
 def test_restkv_carried_value_norms_follow_their_tokens():
@@ -865,9 +872,14 @@ def test_restkv_projection_dtype_counts_the_rows_each_mode_projects(monkeypatch)
     kv = random_kv(7, L=160, w=8, H=4, Hkv=2, state=False)
     get_policy("restkv", window=8, mode="before").select(kv, 40)
     assert seen[-1] == (4 * 8 * 152, torch.bfloat16)
-    # with a request's state ("after" mode) the value norms of every cached token, then of the new ones only
+    # with a request's state ("after" mode) the value norms of every cached token, then of the new ones only, in
+    # fp32 (`auto`: bf16 norms would send many tokens to the expansion's direct fallback)
     seen.clear()
+    projected = []
+    real_norms = scoring.projected_sq_norms
+    monkeypatch.setattr(scoring, "projected_sq_norms", lambda value, factor, matmul_dtype=None: projected.append(
+        (value.shape[1], matmul_dtype)) or real_norms(value, factor, matmul_dtype))
     policy, kv = get_policy("restkv", window=8), random_kv(7, L=96, w=8, H=4, Hkv=2)
     step2 = next_step(kv, evict(policy, kv, 40), 8, new=16)
     policy.select(step2, 40)
-    assert seen == [(4 * 96, torch.float32), (4 * 16, torch.float32)]
+    assert seen == [] and projected == [(96, torch.float32), (16, torch.float32)]
