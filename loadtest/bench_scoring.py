@@ -12,7 +12,8 @@ the dtype that won. Scoring is per layer and per request, on the torch path, tim
 engine calls it (scores, smoothing, GQA aggregation and top-k). ReST-KV runs twice: with its default
 projection_dtype ("auto": the W_o projection in bfloat16 on a CPU with native bf16) and with it in float32.
 `--quick` runs small sizes once, as a smoke test; `--engine-sizes` times every policy's select at the load test's
-sizes instead, and `--layout` reading and compacting the CPU KV cache.
+sizes instead, `--carried` ReST-KV's select in repeated evictions (value norms carried or not), and `--layout`
+reading and compacting the CPU KV cache.
 """
 
 from __future__ import annotations
@@ -109,6 +110,10 @@ def main() -> None:
     parser.add_argument("--engine-sizes", action="store_true",
                         help="instead: every policy's select at the engine benchmark's sizes (tiny model: 4 query / 2 "
                              "KV heads, 768 tokens = budget 256 + a chunk of 512), one thread, 400 calls")
+    parser.add_argument("--carried", action="store_true",
+                        help="instead: ReST-KV's select in the engine's repeated evictions (tiny model's heads, one "
+                             "thread): stateless, with the value norms of the kept tokens carried from the previous "
+                             "eviction, and a request's first eviction, at budget + chunk sizes; SnapKV alongside")
     parser.add_argument("--layout", action="store_true",
                         help="instead: reading and compacting one layer of the CPU KV cache (this CPU's layout, found "
                              "by vLLM's cache-write op), strided fast path vs the general per-element path")
@@ -118,6 +123,9 @@ def main() -> None:
         return
     if args.layout:
         layout_paths()
+        return
+    if args.carried:
+        carried_norms(calls=40 if args.quick else 200)
         return
     if args.quick:
         args.lengths, args.repeats, args.budget = [1024, 2048], 1, 256
@@ -191,6 +199,58 @@ def engine_sizes(length: int = 768, budget: int = 256, calls: int = 400) -> None
     print(f"\ncommand: {' '.join(sys.argv)}; torch {torch.__version__}; median of {calls // batch} interleaved runs of "
           f"{batch} calls; oneDNN primitive cache {cache} (ONEDNN_PRIMITIVE_CACHE_CAPACITY=0 is the plugin's default "
           f"in a CPU server)")
+
+
+def carried_norms(calls: int = 200, sizes=((256, 128), (256, 512), (512, 512), (2048, 512), (4096, 512))) -> None:
+    """ReST-KV's select where the engine calls it again and again: a cache of `budget` kept tokens plus `new` ones
+    (a prefill chunk, or decode tokens). In a request's state the kept tokens' ||W_o^h v_j||^2 are carried from the
+    previous eviction, so only the new tokens are projected; "first" is a request's first eviction (state, nothing
+    carried yet), "stateless" the offline path (every token projected). Medians of interleaved runs."""
+    import dataclasses
+
+    from vllm_restkv.models import TINY_SHAPE
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    h, h_kv = TINY_SHAPE["num_attention_heads"], TINY_SHAPE["num_key_value_heads"]
+    d = TINY_SHAPE["head_dim"]
+    weight = torch.randn(TINY_SHAPE["hidden_size"], h * d) / TINY_SHAPE["hidden_size"] ** 0.5
+    factor = wo_factors(weight, h)
+    restkv, snapkv = get_policy("restkv", window=WINDOW), get_policy("snapkv", window=WINDOW)
+    print(f"| budget + new tokens | restkv stateless (ms) | restkv, norms carried (ms) | restkv, first eviction (ms) "
+          f"| snapkv (ms) | carried / stateless |  ({h} query / {h_kv} KV heads, 1 thread)")
+    print("|---|---|---|---|---|---|")
+    for budget, new in sizes:
+        length = budget + new
+        kv = LayerKV(query=torch.randn(h, WINDOW, d), key=torch.randn(h_kv, length, d),
+                     value=torch.randn(h_kv, length, d), positions=torch.arange(length).expand(h_kv, length),
+                     o_proj_weight=weight, wo_factor=factor)
+
+        def with_state(carried: bool) -> LayerKV:
+            state: dict = {}
+            if carried:  # the kept tokens' norms, as the previous eviction left them
+                kept = dataclasses.replace(kv, key=kv.key[:, :budget], value=kv.value[:, :budget],
+                                           positions=kv.positions[:, :budget], state=state)
+                restkv.value_sq_norms(kept, factor, torch.float32)
+            return dataclasses.replace(kv, state=state)
+
+        def timed_fresh(make) -> float:
+            times = []
+            for _ in range(10):
+                inputs = [make() for _ in range(calls // 10)]
+                start = time.perf_counter()
+                for x in inputs:
+                    restkv.select(x, budget)
+                times.append((time.perf_counter() - start) / len(inputs))
+            return statistics.median(times)
+
+        stateless, snap = timed_together([lambda: restkv.select(kv, budget), lambda: snapkv.select(kv, budget)],
+                                         calls)
+        carried, first = timed_fresh(lambda: with_state(True)), timed_fresh(lambda: with_state(False))
+        print(f"| {budget} + {new} | {stateless * 1e3:.2f} | {carried * 1e3:.2f} | {first * 1e3:.2f} "
+              f"| {snap * 1e3:.2f} | {carried / stateless:.2f}x |")
+    cache = "off, as in a CPU server" if onednn_primitive_cache_off() else "on"
+    print(f"\ncommand: {' '.join(sys.argv)}; torch {torch.__version__}; oneDNN primitive cache {cache}")
 
 
 def layout_paths(length: int = 768, budget: int = 256, calls: int = 100) -> None:

@@ -366,3 +366,14 @@ def test_plot_cells_draws_one_group_per_budget_against_the_runs_none(tmp_path):
     subprocess.run([sys.executable, str(REPO / "loadtest" / "plot_cells.py"), str(path), "--out", str(out)],
                    check=True, capture_output=True)
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_scoring_benchmark_of_carried_value_norms_runs():
+    """`bench_scoring.py --carried` (ReST-KV's select in repeated evictions, norms carried or not): one row per size,
+    every time positive."""
+    proc = subprocess.run([sys.executable, str(REPO / "loadtest" / "bench_scoring.py"), "--carried", "--quick"],
+                          capture_output=True, text=True, timeout=300, check=True)
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| budget")]
+    assert [r[0].strip() for r in rows] == ["256 + 128", "256 + 512", "512 + 512", "2048 + 512", "4096 + 512"]
+    assert all(float(r[i]) > 0 for r in rows for i in range(1, 5))

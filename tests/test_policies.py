@@ -467,6 +467,21 @@ def test_restkv_bf16_projection_scores_close_and_float64_untouched(mode):
     assert torch.equal(exact[0], exact[1])
 
 
+def test_window_attention_reuse_equals_fresh_and_reuses_its_buffers(monkeypatch):
+    """`reuse=True` (the policies' selects): the same attention, in this thread's scratch buffers (a second call
+    overwrites the first: the policies drop it before returning); above the size cap, fresh tensors."""
+    q, k, _, _ = random_case(13, L=60, w=6, dtype=torch.float32)
+    fresh = scoring.window_attention(q, k)
+    first = scoring.window_attention(q, k, reuse=True)
+    assert torch.equal(first, fresh)
+    pointer = first.data_ptr()
+    second = scoring.window_attention(q * 2, k, reuse=True)
+    assert second.data_ptr() == pointer and torch.equal(first, second)  # the first was overwritten
+    assert torch.equal(second, scoring.window_attention(q * 2, k))
+    monkeypatch.setattr(scoring, "ATTENTION_SCRATCH_ELEMENTS", 10)
+    assert scoring.window_attention(q, k, reuse=True).data_ptr() != pointer
+
+
 def test_window_attention_against_brute_force():
     q, k, _, _ = random_case(12, L=20, w=5)
     assert torch.allclose(scoring.window_attention(q, k), brute_attention(q, k), atol=1e-14)

@@ -34,21 +34,31 @@ def expand_kv(x: torch.Tensor, num_heads: int) -> torch.Tensor:
     return x.repeat_interleave(group, dim=0) if group > 1 else x
 
 
+# The policies' window attention goes through two reused buffers (`reuse=True`) up to this many elements each: at
+# 2.5k-9k tokens fresh ones cost the select up to 2.5x in page faults (docs/benchmarks.md, 2026-12-05).
+ATTENTION_SCRATCH_ELEMENTS = 1 << 23
+
+
 def window_attention(query: torch.Tensor, key: torch.Tensor, *, causal_window: bool = True,
                      query_positions: torch.Tensor | None = None,
-                     key_positions: torch.Tensor | None = None) -> torch.Tensor:
+                     key_positions: torch.Tensor | None = None, reuse: bool = False) -> torch.Tensor:
     """Softmax attention of the w window queries over all L cached keys, [H, w, L], scale 1/sqrt(d).
 
     With `causal_window`, key j is masked for query t when j comes after t. Without positions the queries are the
     last w of L contiguous tokens (mask inside the window only); with positions (`query_positions` [w],
     `key_positions` [H_kv, L], logical and possibly non-contiguous after earlier evictions) the mask compares them.
+    `reuse`: the result lives in this thread's scratch buffers (CPU, up to ATTENTION_SCRATCH_ELEMENTS), valid until
+    the next such call; for a policy's select, which drops it before returning.
     """
     dtype = compute_dtype(query, key)
     h, w, d = query.shape
     h_kv, length, _ = key.shape
     # One batched matmul per KV head: the query heads of a group share their KV head without copying it.
     q = query.to(dtype).reshape(h_kv, (h // h_kv) * w, d) / math.sqrt(d)
-    logits = torch.bmm(q, key.to(dtype).transpose(1, 2)).view(h_kv, h // h_kv, w, length)
+    shape = (h_kv, (h // h_kv) * w, length)
+    reuse = reuse and key.device.type == "cpu" and math.prod(shape) <= ATTENTION_SCRATCH_ELEMENTS
+    logits = torch.bmm(q, key.to(dtype).transpose(1, 2), out=scratch(2, shape, key, dtype) if reuse else None)
+    logits = logits.view(h_kv, h // h_kv, w, length)
     if causal_window:
         # Only keys newer than the oldest query can be masked. In a logical view (positions ascending, the
         # policies' case) they are among the last w columns, so the mask covers those instead of all L.
@@ -63,6 +73,9 @@ def window_attention(query: torch.Tensor, key: torch.Tensor, *, causal_window: b
             tail = length
         logits[..., length - tail:].masked_fill_(
             key_positions[:, None, None, :] > query_positions[None, None, :, None], float("-inf"))
+    if reuse:
+        out = scratch(3, logits.shape, key, dtype)
+        return torch.ops.aten._softmax.out(logits, -1, False, out=out).view(h, w, length)
     return torch.softmax(logits, dim=-1).view(h, w, length)
 
 

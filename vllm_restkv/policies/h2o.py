@@ -29,7 +29,8 @@ class H2O(EvictionPolicy):
     def accumulate(self, kv: LayerKV) -> torch.Tensor:
         """Add the attention of the not yet counted queries; [H_kv, L] running sums of a logical view."""
         qpos = kv.query_positions()
-        attn = scoring.window_attention(kv.query, kv.key, query_positions=qpos, key_positions=kv.positions)
+        attn = scoring.window_attention(kv.query, kv.key, query_positions=qpos, key_positions=kv.positions,
+                                        reuse=True)
         state = kv.state if kv.state is not None else {}
         fresh = qpos > state.get("h2o_seen", -1)
         add = attn[:, fresh].sum(dim=1).reshape(kv.num_kv_heads, -1, kv.length).sum(dim=1)

@@ -46,7 +46,7 @@ class RestKV(EvictionPolicy):
         """([H, P] raw per-query-head scores, [H, w, L] window attention) of a logical view."""
         h = kv.query.shape[0]
         attn = scoring.window_attention(kv.query, kv.key, query_positions=kv.query_positions(),
-                                        key_positions=kv.positions)
+                                        key_positions=kv.positions, reuse=True)  # dropped by prefix_scores
         if kv.wo_factor is not None:
             factor = kv.wo_factor.to(attn.dtype)
         elif kv.o_proj_weight is not None:

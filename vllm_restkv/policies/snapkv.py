@@ -12,7 +12,7 @@ from vllm_restkv.policies.base import EvictionPolicy, LayerKV
 def snapkv_scores(kv: LayerKV, window: int, pool_kernel: int, gqa_agg: str) -> torch.Tensor:
     """[H_kv, P] SnapKV scores of a logical view (shared with PyramidKV)."""
     attn = scoring.window_attention(kv.query, kv.key, query_positions=kv.query_positions(),
-                                    key_positions=kv.positions)
+                                    key_positions=kv.positions, reuse=True)
     summed = attn[:, :, : kv.length - window].sum(dim=1)
     return scoring.gqa_aggregate(scoring.avg_pool_zero_pad(summed, pool_kernel), kv.num_kv_heads, gqa_agg)
 

@@ -15,6 +15,6 @@ class TOVA(EvictionPolicy):
 
     def prefix_scores(self, kv: LayerKV, n: int) -> torch.Tensor:
         attn = scoring.window_attention(kv.query[:, -1:], kv.key, query_positions=kv.query_positions()[-1:],
-                                        key_positions=kv.positions)
+                                        key_positions=kv.positions, reuse=True)
         mean = attn[:, 0, : kv.length - self.window].mean(dim=0)
         return mean.expand(kv.num_kv_heads, -1)
