@@ -7,6 +7,10 @@ Repeated use (chunk boundaries, decode): each call scores the current cache afre
 default) nothing is carried over, so eviction at step t on the kept set equals one-shot scoring of that set. With
 `carry` = c > 0 the final scores of the previous call follow their tokens (state "restkv_carry") and a token scored
 before gets (1 - c) * new + c * old; tokens not scored before (new ones, the previous window) get the new score.
+
+Cost across calls (CPU, with a request's state): ||W_o^h v_j||^2 depends on the token alone, so it is computed once
+per token and carried (state "restkv_vnorm"); each call expands the distance around it and projects only the new
+tokens (`value_sq_norms`, scoring.projected_distance_expanded). Same scores within float rounding.
 """
 
 from __future__ import annotations
@@ -56,7 +60,10 @@ class RestKV(EvictionPolicy):
         prefix = kv.length - self.window
         score_fn = (scoring.restkv_scores_from_attention if self.mode == "after"
                     else scoring.restkv_scores_before_from_attention)
-        if self.mode == "after" and kv.state is not None and kv.order is None:
+        # Carried value norms on the CPU only: there the projection is compute-bound and host memory plentiful; on
+        # a GPU it is cheap, and the norms ([H, L] fp32 per layer, G/d of the kept KV's size: 3% for GQA with 4
+        # query heads per KV head and d = 128) would sit outside vLLM's KV memory budget.
+        if self.mode == "after" and kv.state is not None and kv.order is None and kv.value.device.type == "cpu":
             norms, norms_dtype = self.value_sq_norms(kv, factor, attn.dtype)
             return scoring.restkv_scores_from_attention(attn, kv.value, factor, prefix, self.alpha,
                                                         value_sq_norms=norms, norms_dtype=norms_dtype), attn
