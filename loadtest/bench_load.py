@@ -359,13 +359,15 @@ def reference_name(policy: str, kv_blocks: int | None) -> str:
 
 
 def start_up_refusal(log_text: str) -> str | None:
-    """The line of a server log that says why it refused to start (vLLM's KV cache check or ours)."""
+    """The line of a server log that says why it refused to start (vLLM's KV cache check or ours, a config
+    validation error such as a --max-model-len beyond the model's positions), else the log's last error line."""
     for pattern in (r"(To serve at least one request[^\n]*?)(?: Try increasing|$)", r"(vllm-restkv: the KV cache holds[^\n]*)",
-                    r"(ValueError: [^\n]*)"):
+                    r"(ValueError: [^\n]*)", r"Value error, ([^\n]*?)(?: \[type=|$)"):
         m = re.search(pattern, log_text, re.M)
         if m:
             return m.group(1).strip()
-    return None
+    errors = [line.strip() for line in log_text.splitlines() if re.search(r"\w*Error\b", line)]
+    return errors[-1] if errors else None
 
 
 def print_table(result: dict) -> None:

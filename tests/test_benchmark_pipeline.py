@@ -377,3 +377,25 @@ def test_scoring_benchmark_of_carried_value_norms_runs():
             if line.startswith("| ") and not line.startswith("| budget")]
     assert [r[0].strip() for r in rows] == ["256 + 128", "256 + 512", "512 + 512", "2048 + 512", "4096 + 512"]
     assert all(float(r[i]) > 0 for r in rows for i in range(1, 5))
+
+
+def test_load_test_names_why_a_server_refused_to_start():
+    """bench_load.start_up_refusal: vLLM's KV-cache check, a config validation error (vLLM 0.32's pydantic message
+    for a --max-model-len beyond the model's positions, as logged), else the log's last error line."""
+    sys.path.insert(0, str(REPO / "loadtest"))
+    import bench_load
+
+    kv = ("(EngineCore pid=1) ValueError: To serve at least one request with the model's max seq len (4384), (0.02 "
+          "GiB KV cache is needed, which is larger than the available KV cache memory (0.01 GiB). Try increasing x")
+    assert bench_load.start_up_refusal(kv).startswith("To serve at least one request with the model's max seq len")
+    pydantic = ("(APIServer pid=9) WARNING 12-05 [system_utils.py:255] Found ulimit of 20000 ... `OSError: [Errno 24] "
+                "Too many open files`.\nTraceback (most recent call last):\n"
+                "pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig\n"
+                "  Value error, User-specified max_model_len (8257) is greater than the derived max_model_len "
+                "(max_position_embeddings=8192.0 ...). [type=value_error, input_value=ArgsKwargs((), {}), "
+                "input_type=ArgsKwargs]\n")
+    assert bench_load.start_up_refusal(pydantic) == ("User-specified max_model_len (8257) is greater than the derived "
+                                                     "max_model_len (max_position_embeddings=8192.0 ...).")
+    other = "INFO starting\nWARNING OSError: [Errno 24] maybe\nTraceback:\nRuntimeError: the engine died\nINFO bye\n"
+    assert bench_load.start_up_refusal(other) == "RuntimeError: the engine died"
+    assert bench_load.start_up_refusal("INFO all fine\n") is None
