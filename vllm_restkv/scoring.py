@@ -241,9 +241,9 @@ def projected_distance_expanded(value: torch.Tensor, center: torch.Tensor, facto
     center_sq = projected_center.square().sum(dim=1)  # [H, 1]
     pulled_back = torch.bmm(factor.transpose(1, 2), projected_center)  # R^T R o [H, d, 1]
     cross = torch.bmm(pulled_back.view(h_kv, group, d), value.transpose(1, 2)).view(h, length)  # [H, P]
-    value_sq_norms = value_sq_norms.to(value.dtype)
-    sq = (center_sq + value_sq_norms).sub_(cross, alpha=2)
-    close = sq < guard * (center_sq + value_sq_norms)
+    terms = center_sq + value_sq_norms.to(value.dtype)
+    sq = terms - 2 * cross
+    close = sq < guard * terms
     out = sq.clamp_min_(0).sqrt_()
     counts = close.sum(dim=1)
     most = int(counts.max()) if length else 0

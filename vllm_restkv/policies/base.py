@@ -8,9 +8,9 @@ window, and map the result back.
 
 State across calls (chunked prefill, decode-time eviction). The engine calls `select` then `after_select` at every
 eviction point with the kept tokens of the previous call (in the kept order) followed by the new ones. `kv.state`
-holds per-token tensors [H_kv, n, ...] in physical order covering the first n <= L tokens (the tokens appended since
-are new); `after_select` gathers every such tensor along the kept tokens, so state follows its tokens through
-evictions.
+holds per-token tensors [H_kv, n] (or [H, n] per query head, H a multiple of H_kv) in physical order covering the
+first n <= L tokens (the tokens appended since are new); `after_select` gathers every such tensor along the kept
+tokens of its KV head, so state follows its tokens through evictions.
 """
 
 from __future__ import annotations
@@ -133,16 +133,16 @@ class EvictionPolicy:
         return kept if view.order is None else view.order.gather(1, kept).sort(dim=1).values
 
     def after_select(self, kv: LayerKV, kept: torch.Tensor) -> None:
-        """Carry per-token state along with the kept tokens: every [H_kv, L, ...] tensor in kv.state is gathered
-        along its token dimension."""
+        """Carry per-token state along with the kept tokens: every [H_kv, L] tensor in kv.state is gathered, and
+        every [H, L] one (per query head, H a multiple of H_kv) along the kept tokens of each head's KV head."""
         if not kv.state or kept.shape[1] == kv.length:  # nothing evicted: physical order unchanged
             return
         for name, x in list(kv.state.items()):
-            if isinstance(x, torch.Tensor) and x.dim() >= 2 and x.shape[0] == kv.num_kv_heads:
+            if isinstance(x, torch.Tensor) and x.dim() == 2 and x.shape[0] % kv.num_kv_heads == 0:
                 if x.shape[1] != kv.length:
                     raise RuntimeError(f"{self.name}: state {name!r} covers {x.shape[1]} of {kv.length} tokens")
-                index = kept.view(*kept.shape, *[1] * (x.dim() - 2)).expand(-1, -1, *x.shape[2:])
-                kv.state[name] = x.gather(1, index)
+                group = x.shape[0] // kv.num_kv_heads
+                kv.state[name] = x.gather(1, kept if group == 1 else kept.repeat_interleave(group, dim=0))
 
     def _prefix_scores(self, view: LayerKV, n: int) -> torch.Tensor:
         scores = self.prefix_scores(view, n)

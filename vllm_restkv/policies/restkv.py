@@ -21,7 +21,7 @@ from vllm_restkv import scoring
 from vllm_restkv.policies.base import EvictionPolicy, LayerKV
 
 MODES = ("after", "before")
-VALUE_NORMS, VALUE_NORMS_DTYPE = "restkv_vnorm", "restkv_vnorm_dtype"  # state: ||R_h v_j||^2 [H, L], their precision
+VALUE_NORMS = "restkv_vnorm"  # state: ||R_h v_j||^2 [H, L]
 
 
 class RestKV(EvictionPolicy):
@@ -64,38 +64,35 @@ class RestKV(EvictionPolicy):
         # a GPU it is cheap, and the norms ([H, L] fp32 per layer, G/d of the kept KV's size: 3% for GQA with 4
         # query heads per KV head and d = 128) would sit outside vLLM's KV memory budget.
         if self.mode == "after" and kv.state is not None and kv.order is None and kv.value.device.type == "cpu":
-            norms, norms_dtype = self.value_sq_norms(kv, factor, attn.dtype)
+            norms_dtype = self.norms_matmul_dtype(attn.dtype)
             return scoring.restkv_scores_from_attention(attn, kv.value, factor, prefix, self.alpha,
-                                                        value_sq_norms=norms, norms_dtype=norms_dtype), attn
+                                                        value_sq_norms=self.value_sq_norms(kv, factor, attn.dtype),
+                                                        norms_dtype=norms_dtype), attn
         rows = h * prefix * (attn.shape[1] if self.mode == "before" else 1)  # "before" projects every window query
         matmul_dtype = scoring.projection_matmul_dtype(self.projection_dtype, attn, rows=rows)
         return score_fn(attn, kv.value, factor, prefix, self.alpha, matmul_dtype), attn
 
-    def value_sq_norms(self, kv: LayerKV, factor: torch.Tensor, dtype: torch.dtype
-                       ) -> tuple[torch.Tensor, torch.dtype]:
-        """(||R_h v_j||^2 of every cached token [H, L], the lowest precision any of them was computed in).
+    def norms_matmul_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The carried norms' matmul dtype: `dtype` (fp32) unless bf16 is asked for. With fp32 norms the expansion's
+        guard projects ~0.01% of the tokens again, with bf16 ones 0.4-23% (scoring.EXPANSION_GUARD)."""
+        return torch.bfloat16 if self.projection_dtype == "bfloat16" and dtype != torch.float64 else dtype
+
+    def value_sq_norms(self, kv: LayerKV, factor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """||R_h v_j||^2 of every cached token, [H, L].
 
         They depend on the token alone, so they are carried in the request's state ("restkv_vnorm", [H, L] in
         physical order, gathered with the kept tokens by `after_select`) and computed only for tokens new since the
         last eviction: the tail of the physical order, which compaction keeps ascending. At a chunk boundary that
         projects one chunk instead of budget + chunk tokens, during decode a few dozen instead of the budget."""
-        h = factor.shape[0]
         cached = kv.state.get(VALUE_NORMS)
         start = 0 if cached is None else cached.shape[1]
         if start > kv.length:
             raise RuntimeError(f"restkv: carried value norms cover {start} of {kv.length} tokens")
-        lowest = kv.state.get(VALUE_NORMS_DTYPE, dtype)
         if start < kv.length:
-            # fp32 unless bf16 is asked for: the expansion's guard then projects ~0.01% of the tokens again, with
-            # bf16 norms 0.4-23% (scoring.EXPANSION_GUARD); and only new tokens are projected here
-            matmul_dtype = torch.bfloat16 if self.projection_dtype == "bfloat16" and dtype != torch.float64 else dtype
-            new = scoring.projected_sq_norms(kv.value[:, start:].to(dtype), factor, matmul_dtype)  # [H, new]
+            new = scoring.projected_sq_norms(kv.value[:, start:].to(dtype), factor, self.norms_matmul_dtype(dtype))
             cached = new if cached is None else torch.cat([cached.to(dtype), new], dim=1)
-            if matmul_dtype == torch.bfloat16:
-                lowest = torch.bfloat16
             kv.state[VALUE_NORMS] = cached
-            kv.state[VALUE_NORMS_DTYPE] = lowest
-        return cached, lowest
+        return cached
 
     def prefix_scores(self, kv: LayerKV, n: int) -> torch.Tensor:
         raw, attn = self.raw_scores(kv)
@@ -112,15 +109,7 @@ class RestKV(EvictionPolicy):
         return scores
 
     def after_select(self, kv: LayerKV, kept: torch.Tensor) -> None:
-        """The scores of this call become the carried ones (only the call that selected commits them); the value
-        norms ([H, L], per query head) follow the kept tokens of their KV heads."""
+        """The scores of this call become the carried ones (only the call that selected commits them)."""
         if kv.state and "restkv_pending" in kv.state:
             kv.state["restkv_carry"] = kv.state.pop("restkv_pending")
-        norms = kv.state.pop(VALUE_NORMS, None) if kv.state else None
         super().after_select(kv, kept)
-        if norms is not None:
-            if norms.shape[1] != kv.length:
-                raise RuntimeError(f"restkv: value norms cover {norms.shape[1]} of {kv.length} tokens")
-            group = norms.shape[0] // kv.num_kv_heads
-            kv.state[VALUE_NORMS] = norms if kept.shape[1] == kv.length else \
-                norms.gather(1, kept.repeat_interleave(group, dim=0))
