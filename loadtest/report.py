@@ -33,7 +33,8 @@ def aggregate(rows: list[dict]) -> list[dict]:
             continue
         key = (r["policy"], r["budget"])
         a = out.setdefault(key, {"policy": r["policy"], "budget": r["budget"], "threads": 0, "needles": 0,
-                                 "_agree": 0.0, "_dp": 0.0, "_kl": 0.0, "_needle": 0.0, "_comp": 0.0, "lengths": []})
+                                 "_agree": 0.0, "_dp": 0.0, "_kl": 0.0, "_needle": 0.0, "_comp": 0.0, "lengths": [],
+                                 "_kl_first": 0.0 if "kl_first" in r else None})
         n, t, nd = r["threads"] + r["needles"], r["threads"], r["needles"]
         a["threads"] += t
         a["needles"] += nd
@@ -41,6 +42,8 @@ def aggregate(rows: list[dict]) -> list[dict]:
         a["_agree"] += r.get("agreement", 0) * t
         a["_dp"] += r.get("mean_abs_dp", 0) * t
         a["_kl"] += r["kl"] * n
+        if a["_kl_first"] is not None:  # a --kl-token N > 1 run: the first token's KL too
+            a["_kl_first"] += r["kl_first"] * n
         a["_needle"] += r.get("needle_accuracy", 0) * nd
         a["_comp"] += r["compression"] * n
     result = []
@@ -50,7 +53,8 @@ def aggregate(rows: list[dict]) -> list[dict]:
             "policy": a["policy"], "budget": a["budget"], "lengths": sorted(a["lengths"]), "threads": a["threads"],
             "needles": a["needles"], "agreement": a["_agree"] / a["threads"] if a["threads"] else None,
             "mean_abs_dp": a["_dp"] / a["threads"] if a["threads"] else None, "kl": a["_kl"] / n,
-            "needle_accuracy": a["_needle"] / a["needles"] if a["needles"] else None, "compression": a["_comp"] / n})
+            "needle_accuracy": a["_needle"] / a["needles"] if a["needles"] else None, "compression": a["_comp"] / n,
+            "kl_first": a["_kl_first"] / n if a["_kl_first"] is not None else None})
     return result
 
 
@@ -137,12 +141,15 @@ def accuracy_section(acc: dict, agg: list[dict]) -> list[str]:
         "password retrieved (the full cache: "
         f"{fmt(next(r for r in acc['rows'] if r['policy'] == 'none' and r['length'] is None).get('needle_accuracy'), '.2f')}).",
         "",
-        "| policy | budget | compression | agreement | mean abs dP | KL | needle acc |",
-        "|---|---|---|---|---|---|---|",
     ]
+    first = any(r.get("kl_first") is not None for r in agg)  # a --kl-token N > 1 run also compared token 1
+    lines += [f"| policy | budget | compression | agreement | mean abs dP | KL |{' KL at token 1 |' if first else ''} "
+              "needle acc |", "|---|---|---|---|---|---|---|" + ("---|" if first else "")]
     for r in sorted(agg, key=lambda r: (r["budget"], r["policy"] != "restkv", r["policy"])):
         lines.append(f"| {r['policy']} | {r['budget']} | {r['compression']:.1f}x | {fmt(r['agreement'], '.3f')} | "
-                     f"{fmt(r['mean_abs_dp'], '.4f')} | {fmt(r['kl'], '.4f')} | {fmt(r['needle_accuracy'], '.2f')} |")
+                     f"{fmt(r['mean_abs_dp'], '.4f')} | {fmt(r['kl'], '.4f')} |"
+                     + (f" {fmt(r.get('kl_first'), '.4f')} |" if first else "")
+                     + f" {fmt(r['needle_accuracy'], '.2f')} |")
     lines += ["", "Per length (the raw rows):", "",
               "| policy | budget | length | compression | agreement | KL | needle acc | AUROC |", "|---|---|---|---|---|---|---|---|"]
     for r in acc["rows"]:
@@ -157,27 +164,37 @@ def accuracy_section(acc: dict, agg: list[dict]) -> list[str]:
         lines += paired_kl_intervals(acc, kind=kind)
     for variant in sorted({r["policy"] for r in agg if r["policy"].startswith("restkv ")}):  # merged settings
         lines += paired_kl_intervals(acc, subject=variant)
+    # the first token with eviction at chunk boundaries: what the evictions inside the prompt alone decided (with one
+    # eviction after the prompt it is the full cache's for every policy: the column above shows it)
+    if first and (acc.get("policy_config") or {}).get("evict_during_prefill") is not False:
+        lines += paired_kl_intervals(acc, field="kl_first")
+        for kind in kinds if len(kinds) > 1 else []:
+            lines += paired_kl_intervals(acc, kind=kind, field="kl_first")
+        for variant in sorted({r["policy"] for r in agg if r["policy"].startswith("restkv ")}):
+            lines += paired_kl_intervals(acc, subject=variant, field="kl_first")
     return lines
 
 
 def paired_kl_intervals(acc: dict | list[dict], resamples: int = 2000, seed: int = 0,
                         baselines: tuple[str, ...] = BASELINES, subject: str = "restkv",
-                        kind: str | None = None) -> list[str]:
+                        kind: str | None = None, field: str = "kl") -> list[str]:
     """Mean per-item KL difference `subject` (restkv, or a restkv setting of a merged run) - each of `baselines` at
     each budget <= 512 with a 95% paired bootstrap interval (same items, resampled together): whether a ranking
     between policies is more than the choice of items. Several runs (on different draws of the data set) are pooled:
-    items are told apart by run. `kind` ("thread" or "needle"): those items only."""
+    items are told apart by run. `kind` ("thread" or "needle"): those items only. `field`: "kl" (at the run's --kl-token)
+    or "kl_first" (at the first generated token, which a --kl-token N > 1 run also records)."""
     import random
 
     per = {}
     for run, result in enumerate(acc if isinstance(acc, list) else [acc]):
         for r in result.get("raw", []):
-            if "kl" in r and (kind is None or result["items"][r["item"]]["kind"] == kind):
-                per.setdefault((r["policy"], r["budget"]), {})[(run, r["item"])] = r["kl"]
+            if field in r and (kind is None or result["items"][r["item"]]["kind"] == kind):
+                per.setdefault((r["policy"], r["budget"]), {})[(run, r["item"])] = r[field]
     if not per:
         return ["Per-item KL is not in this run's JSON (older bench_accuracy.py), so no intervals.", ""]
     rng = random.Random(seed)
     which = f", {kind}s only" if kind else ""
+    which += ", KL at the first generated token" if field == "kl_first" else ""
     out = [f"Paired by item{which}, {subject} KL minus baseline KL (mean, 95% bootstrap interval; below 0 = {subject} "
            "closer to the full cache; an interval across 0 does not separate them):", ""]
     for (policy, budget), baseline in sorted(per.items(), key=lambda kv: (kv[0][1], kv[0][0])):

@@ -186,6 +186,29 @@ def test_paired_kl_intervals_per_item_kind():
     assert len(threads) == 1 and "+0.2000" in threads[0] and "over 1 items: tova closer" in threads[0]
 
 
+def test_a_later_token_run_also_reports_the_first_token():
+    """A --kl-token 2 run records each item's first-token KL too (kl_first); the report pairs that as well (with
+    chunk-boundary eviction it is what the evictions inside the prompt alone decided) and shows its mean."""
+    sys.path.insert(0, str(REPO / "loadtest"))
+    import report
+
+    restkv, tova = [(0.5, 0.1), (0.1, 0.2), (0.2, 0.3)], [(0.3, 0.4), (0.4, 0.5), (0.6, 0.7)]  # (kl, kl_first)
+    raw = [{"policy": p, "budget": 128, "item": i, "kl": kl, "kl_first": first}
+           for p, kls in (("restkv", restkv), ("tova", tova)) for i, (kl, first) in enumerate(kls)]
+    acc = {"raw": raw, "items": [{"kind": "needle"}] * 3}
+    later = [line for line in report.paired_kl_intervals(acc) if "vs tova" in line]
+    first = report.paired_kl_intervals(acc, field="kl_first")
+    assert "-0.1667" in later[0] and "KL at the first generated token" in first[0]
+    assert [line for line in first if "vs tova" in line][0].startswith("- budget 128, vs tova: -0.3333")
+    rows = [{"policy": p, "budget": 128, "length": 1024, "threads": 0, "needles": 3, "compression": 8.0,
+             "kl": sum(k for k, _ in kls) / 3, "kl_first": sum(f for _, f in kls) / 3}
+            for p, kls in (("restkv", restkv), ("tova", tova))]
+    agg = {r["policy"]: r for r in report.aggregate(rows)}
+    assert abs(agg["tova"]["kl_first"] - 0.5333) < 1e-4 and abs(agg["restkv"]["kl"] - 0.2667) < 1e-4
+    older = {k: v for k, v in rows[0].items() if k != "kl_first"}  # a --kl-token 1 run has no kl_first
+    assert report.aggregate([older])[0]["kl_first"] is None
+
+
 def test_accuracy_policy_config_refuses_what_it_cannot_set():
     """--policy-config (ablations) takes eviction settings only: the policy and budget come from --policies and
     --budgets, and a misspelt setting or a bad value must stop the run before any engine starts (not minutes later,

@@ -16,6 +16,7 @@ def test_defaults_mean_no_eviction():
     config = KVEvictionConfig.from_value(None)
     assert config.policy == "none" and not config.enabled
     assert config.window == 32 and config.alpha == 0.3 and config.beta == 2000.0 and config.kernel_size == 5
+    assert config.chunk_alpha == 1.0 and config.chunk_kernel_size == 1  # inside the prompt: newest query, no smoothing
 
 
 @pytest.mark.parametrize("value", ["restkv", " restkv ", {"policy": "restkv"}, '{"policy": "restkv"}', "RestKV"])
@@ -49,6 +50,9 @@ def test_full_settings_roundtrip():
         ({"policy": "restkv", "decode_interval": -1}, "decode_interval must be >= 0"),
         ({"policy": "restkv", "alpha": 0}, "alpha must be in (0, 1]"),
         ({"policy": "restkv", "kernel_size": 4}, "kernel_size must be an odd integer"),
+        ({"policy": "restkv", "chunk_alpha": 1.5}, "chunk_alpha must be in (0, 1], got 1.5"),
+        ({"policy": "restkv", "chunk_kernel_size": 0}, "chunk_kernel_size must be an odd integer >= 1, got 0"),
+        ({"policy": "restkv", "chunk_kernel_size": 2.5}, "chunk_kernel_size must be an integer"),
         ({"policy": "restkv", "gqa_agg": "median"}, "unknown gqa_agg 'median'"),
         ({"policy": "restkv", "projection_dtype": "fp16"}, "unknown projection_dtype 'fp16'; allowed: auto, float32"),
         ({"policy": "restkv", "budgt": 64}, "unknown setting(s) ['budgt']"),
@@ -219,8 +223,8 @@ def test_onednn_primitive_cache_is_turned_off_on_cpu_unless_the_user_set_it(monk
 
 
 # A value other than the default for every policy setting (config.POLICY_SETTINGS)
-NON_DEFAULT_SETTINGS = {"window": 16, "alpha": 0.5, "beta": 100.0, "kernel_size": 3, "gqa_agg": "max",
-                        "carry": 0.5, "projection_dtype": "float32"}
+NON_DEFAULT_SETTINGS = {"window": 16, "alpha": 0.5, "beta": 100.0, "kernel_size": 3, "chunk_alpha": 0.3,
+                        "chunk_kernel_size": 5, "gqa_agg": "max", "carry": 0.5, "projection_dtype": "float32"}
 
 
 def test_every_policy_setting_reaches_the_policies():
@@ -257,19 +261,24 @@ def test_policies_declare_the_settings_they_use_and_ignore_the_others():
     weight = torch.randn(32, h * d)
     kv = LayerKV(query=torch.randn(h, 16, d), key=torch.randn(h_kv, length, d), value=torch.randn(h_kv, length, d),
                  positions=torch.arange(length).expand(h_kv, length), o_proj_weight=weight)
+    mid_prompt = dataclasses.replace(kv, mid_prompt=True)  # an eviction at a chunk boundary inside the prompt
     for name, cls in POLICIES.items():
         assert set(cls.settings) <= set(POLICY_SETTINGS), name
         policy = get_policy(name, **changed)
         assert all(getattr(policy, s) == changed[s] for s in cls.settings), name
         base = {s: changed[s] for s in cls.settings}
-        reference = get_policy(name, **base).select(kv, 40)
-        for setting in set(POLICY_SETTINGS) - set(cls.settings):
-            other = get_policy(name, **{**defaults, **base, setting: changed[setting]}).select(kv, 40)
-            assert torch.equal(other, reference), (name, setting)
-    # the settings ReST-KV declares do change its choice (beta and the projection's dtype are too small to matter here)
-    restkv = get_policy("restkv", window=16).select(kv, 40)
-    for setting in ("alpha", "kernel_size", "gqa_agg"):
-        assert not torch.equal(get_policy("restkv", window=16, **{setting: changed[setting]}).select(kv, 40), restkv)
+        for view in (kv, mid_prompt):
+            reference = get_policy(name, **base).select(view, 40)
+            for setting in set(POLICY_SETTINGS) - set(cls.settings):
+                other = get_policy(name, **{**defaults, **base, setting: changed[setting]}).select(view, 40)
+                assert torch.equal(other, reference), (name, setting, view.mid_prompt)
+    # the settings ReST-KV declares do change its choice (beta and the projection's dtype are too small to matter
+    # here), each where it applies: chunk_* inside the prompt, alpha / kernel_size elsewhere
+    for view, settings in ((kv, ("alpha", "kernel_size", "gqa_agg")), (mid_prompt, ("chunk_alpha", "chunk_kernel_size"))):
+        restkv = get_policy("restkv", window=16).select(view, 40)
+        for setting in settings:
+            chosen = get_policy("restkv", window=16, **{setting: changed[setting]}).select(view, 40)
+            assert not torch.equal(chosen, restkv), setting
 
 
 def test_a_setting_the_policy_ignores_is_warned_about_once():

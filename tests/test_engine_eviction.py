@@ -300,3 +300,27 @@ def test_no_eviction_in_the_step_that_ends_a_request(tiny_model):
     verdict, longer = result["tokens"]
     assert len(verdict) == 1 and len(longer) == 6 and verdict[0] == longer[0]
     assert result["final_free_blocks"] == result["idle_free_blocks"]
+
+
+def test_restkv_scores_inside_the_prompt_with_its_chunk_settings(tiny_model):
+    """Evictions at chunk boundaries inside the prompt use ReST-KV's chunk_alpha / chunk_kernel_size (default: the
+    newest query, no smoothing), the eviction after the prompt and those in decode alpha / kernel_size. Four servers
+    (A: defaults; B: chunk_* = the paper's 0.3 / 5; C: B with alpha 1 / kernel 1; D: alpha 1 / kernel 1, chunk_*
+    default): the first token follows only the evictions inside the prompt (A = D, B = C, A != B), the later ones
+    also the eviction after it (A != D)."""
+    prompt = prompt_ids(1000, seed=77)
+    paper_inside = {"chunk_alpha": 0.3, "chunk_kernel_size": 5}
+    newest_after = {"alpha": 1.0, "kernel_size": 1}
+    settings = {"A": {}, "B": paper_inside, "C": {**paper_inside, **newest_after}, "D": newest_after}
+    logprobs = {}
+    for name, extra in settings.items():
+        result = run_engine({"model": str(tiny_model), "prompts": [prompt], "max_tokens": 8,
+                             "kv_eviction": {"policy": "restkv", "budget": 160, **extra},
+                             "llm": {"max_num_batched_tokens": 256}})
+        assert result["stats"]["events"] == {"prefill": 4}, name  # 256, 512, 768 inside the prompt; 1000 after it
+        assert result["final_free_blocks"] == result["idle_free_blocks"], name
+        logprobs[name] = torch.tensor(result["logprobs"][0])
+    a, b, c, d = (logprobs[name] for name in "ABCD")
+    assert a[0] == d[0] and b[0] == c[0], (a[0], d[0], b[0], c[0])
+    assert abs(a[0] - b[0]) > 1e-5, (a[0], b[0])
+    assert (a[1:] - d[1:]).abs().max() > 1e-4, (a - d).abs().max()

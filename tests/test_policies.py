@@ -602,6 +602,32 @@ def test_restkv_policy_against_brute_force():
         assert set(kept[g].tolist()) == top_set(expect[g], 8) | set(range(24, 30))
 
 
+@pytest.mark.parametrize("mode", ["after", "before"])
+def test_restkv_inside_the_prompt_scores_with_its_chunk_settings(mode):
+    """At an eviction inside the prompt (kv.mid_prompt) ReST-KV's EMA and smoothing use chunk_alpha /
+    chunk_kernel_size (default 1 / 1: the newest query's score, unsmoothed, against the brute force); elsewhere
+    alpha / kernel_size, whatever chunk_* are."""
+    kv = random_kv(19, L=30, w=6, dtype=F64)
+    inside = dataclasses.replace(kv, mid_prompt=True)
+    policy = get_policy("restkv", window=6, beta=1e6, mode=mode)
+    # the default inside the prompt: alpha 1 weighs only the newest query; k = 1 and |s| < beta leave the scores
+    # unsmoothed (no zero-drift shift since the plugin's rule has none)
+    newest = dataclasses.replace(kv, query=kv.query[:, -1:])
+    if mode == "after":
+        raw = brute_restkv_after(newest.query, kv.key, kv.value, kv.o_proj_weight, 24, 1.0)
+    else:
+        raw = scoring.restkv_scores_before(newest.query, kv.key, kv.value, kv.o_proj_weight, window=1)[:, :24]
+    assert torch.allclose(policy.score(inside, budget=14)[:, :24], brute_gqa(raw, 2, "mean"), atol=1e-12)
+    # chunk_* inside the prompt are what alpha / kernel_size are elsewhere, and leave the other evictions alone
+    chunk = get_policy("restkv", window=6, beta=3.0, mode=mode, chunk_alpha=0.6, chunk_kernel_size=3)
+    plain = get_policy("restkv", window=6, beta=3.0, mode=mode, alpha=0.6, kernel_size=3)
+    assert torch.equal(chunk.score(inside, budget=14), plain.score(kv, budget=14))
+    assert torch.equal(chunk.select(inside, 14), plain.select(kv, 14))
+    paper = get_policy("restkv", window=6, beta=3.0, mode=mode)
+    assert torch.equal(chunk.score(kv, budget=14), paper.score(kv, budget=14))
+    assert not torch.equal(paper.score(inside, budget=14), paper.score(kv, budget=14))
+
+
 def test_restkv_before_mode_policy():
     kv = random_kv(16, L=24, w=4, dtype=F64)
     policy = get_policy("restkv", window=4, mode="before", beta=1e6, kernel_size=1)

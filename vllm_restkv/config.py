@@ -45,6 +45,12 @@ class KVEvictionConfig:
     alpha: float = 0.3
     beta: float = 2000.0
     kernel_size: int = 5
+    # ReST-KV at evictions inside the prompt (chunk boundaries before its last chunk), where the window holds the
+    # prompt's own text and not yet the question at its end: the newest query alone (alpha 1) and no smoothing
+    # (kernel 1) kept closer to the full cache than the paper's EMA + smoothing there, as close as TOVA
+    # (docs/benchmarks.md); the eviction after the prompt and those during decode use alpha / kernel_size.
+    chunk_alpha: float = 1.0
+    chunk_kernel_size: int = 1
     gqa_agg: str = "mean"
     # ReST-KV across repeated evictions (chunk boundaries, decode): 0 scores the cache afresh each time; c > 0 blends
     # a token's new score with its previous one, (1 - c) new + c old (policies/restkv.py).
@@ -144,12 +150,15 @@ class KVEvictionConfig:
             raise KVEvictionConfigError(
                 f"kv_eviction: decode_interval must be >= 0 (0 = no eviction during decode), got {self.decode_interval}"
             )
-        if not 0.0 < self.alpha <= 1.0:
-            raise KVEvictionConfigError(f"kv_eviction: alpha must be in (0, 1], got {self.alpha}")
+        for name in ("alpha", "chunk_alpha"):
+            if not 0.0 < getattr(self, name) <= 1.0:
+                raise KVEvictionConfigError(f"kv_eviction: {name} must be in (0, 1], got {getattr(self, name)}")
         if self.beta <= 0:
             raise KVEvictionConfigError(f"kv_eviction: beta must be > 0, got {self.beta}")
-        if self.kernel_size < 1 or self.kernel_size % 2 == 0:
-            raise KVEvictionConfigError(f"kv_eviction: kernel_size must be an odd integer >= 1, got {self.kernel_size}")
+        for name in ("kernel_size", "chunk_kernel_size"):
+            if getattr(self, name) < 1 or getattr(self, name) % 2 == 0:
+                raise KVEvictionConfigError(
+                    f"kv_eviction: {name} must be an odd integer >= 1, got {getattr(self, name)}")
         if self.gqa_agg not in GQA_AGGREGATIONS:
             raise KVEvictionConfigError(
                 f"kv_eviction: unknown gqa_agg {self.gqa_agg!r}; allowed: {', '.join(GQA_AGGREGATIONS)}"
@@ -172,7 +181,8 @@ class KVEvictionConfig:
 GQA_AGGREGATIONS = ("mean", "max", "mean_raw", "layer")  # vllm_restkv.scoring.GQA_MODES
 PROJECTION_DTYPES = ("auto", "float32", "bfloat16")  # vllm_restkv.scoring.PROJECTION_DTYPES
 # Fields handed to the policies; the others (policy, budget, where eviction runs, overrides) steer the engine.
-POLICY_SETTINGS = ("window", "alpha", "beta", "kernel_size", "gqa_agg", "carry", "projection_dtype")
+POLICY_SETTINGS = ("window", "alpha", "beta", "kernel_size", "chunk_alpha", "chunk_kernel_size", "gqa_agg", "carry",
+                   "projection_dtype")
 
 
 _warned: set[str] = set()

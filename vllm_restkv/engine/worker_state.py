@@ -85,6 +85,7 @@ class PlannedEviction:
     logical_end: int
     physical_end: int
     phase: str  # "prefill" (chunk boundary or end of prefill) or "decode"
+    mid_prompt: bool = False  # a chunk boundary before the prompt's last chunk (LayerKV.mid_prompt)
 
 
 def extra_args(request: Any) -> dict | None:
@@ -232,7 +233,8 @@ class WorkerEviction:
                           >= decode_slack(state.budget, cfg.decode_interval, self.block_size)):
                         phase = "decode"
                     if phase is not None and not ends_this_step(cached, end):
-                        self.plan.append(PlannedEviction(req_id, row, end, physical_end, phase))
+                        self.plan.append(PlannedEviction(req_id, row, end, physical_end, phase,
+                                                         mid_prompt=end < num_prompt))
             start += sched
         self.row_offsets = offsets
         if token_idx:
@@ -413,7 +415,7 @@ class WorkerEviction:
                 info.wo_factor = wo_factors(info.o_proj_weight.float(), query.shape[0])
             kv = LayerKV(query=query, key=k, value=v, positions=positions, o_proj_weight=info.o_proj_weight,
                          layer_idx=info.index, num_layers=num_layers, wo_factor=info.wo_factor,
-                         state=state.layer_state[li])
+                         state=state.layer_state[li], mid_prompt=item.mid_prompt)
             kept = policy.select(kv, budget)
             policy.after_select(kv, kept)
             t1 = time.perf_counter()

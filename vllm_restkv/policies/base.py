@@ -37,6 +37,9 @@ class LayerKV:
     wo_factor: torch.Tensor | None = None  # cached scoring.wo_factors(o_proj_weight, H)
     state: dict | None = None  # per (request, layer) state kept between calls
     order: torch.Tensor | None = None  # on a logical view: the physical index of each row [H_kv, L]
+    # an eviction inside the prompt (a chunk boundary before its last chunk): the window queries are the prompt's
+    # own text, not the question at its end; policies may score differently then (ReST-KV's chunk_* settings)
+    mid_prompt: bool = False
 
     @property
     def length(self) -> int:

@@ -8,6 +8,11 @@ default) nothing is carried over, so eviction at step t on the kept set equals o
 `carry` = c > 0 the final scores of the previous call follow their tokens (state "restkv_carry") and a token scored
 before gets (1 - c) * new + c * old; tokens not scored before (new ones, the previous window) get the new score.
 
+Inside the prompt (`kv.mid_prompt`: a chunk boundary before the prompt's last chunk) the window queries are the
+prompt's own text, not the question at its end, and the EMA and smoothing use `chunk_alpha` / `chunk_kernel_size`
+(default 1 / 1: the newest query alone, no smoothing; measured closer to the full cache there than the paper's
+0.3 / 5, which stay for the eviction after the prompt and during decode; docs/benchmarks.md).
+
 Cost across calls (CPU, with a request's state): ||W_o^h v_j||^2 depends on the token alone, so it is computed once
 per token and carried (state "restkv_vnorm"); each call expands the distance around it and projects only the new
 tokens (`value_sq_norms`, scoring.projected_distance_expanded). Same scores within float rounding.
@@ -27,11 +32,12 @@ VALUE_NORMS = "restkv_vnorm"  # state: ||R_h v_j||^2 [H, L]
 class RestKV(EvictionPolicy):
     name = "restkv"
     needs_o_proj = True
-    settings = ("window", "alpha", "beta", "kernel_size", "gqa_agg", "carry", "projection_dtype")
+    settings = ("window", "alpha", "beta", "kernel_size", "chunk_alpha", "chunk_kernel_size", "gqa_agg", "carry",
+                "projection_dtype")
 
     def __init__(self, window: int = 32, alpha: float = 0.3, beta: float = 2000.0, kernel_size: int = 5,
                  gqa_agg: str = "mean", mode: str = "after", carry: float = 0.0, projection_dtype: str = "auto",
-                 official_zero_shift: bool = False, **_):
+                 official_zero_shift: bool = False, chunk_alpha: float = 1.0, chunk_kernel_size: int = 1, **_):
         super().__init__(window=window, gqa_agg=gqa_agg)
         if mode not in MODES:
             raise ValueError(f"unknown ReST-KV mode {mode!r}; allowed: {', '.join(MODES)}")
@@ -41,6 +47,7 @@ class RestKV(EvictionPolicy):
             raise ValueError(f"unknown projection_dtype {projection_dtype!r}; "
                              f"allowed: {', '.join(scoring.PROJECTION_DTYPES)}")
         self.alpha, self.beta, self.kernel_size, self.mode, self.carry = alpha, beta, kernel_size, mode, carry
+        self.chunk_alpha, self.chunk_kernel_size = chunk_alpha, chunk_kernel_size  # at kv.mid_prompt evictions
         self.projection_dtype = projection_dtype  # the W_o projection's matmul: scoring.projection_matmul_dtype
         # True: the official code's shift by +1 at zero drift, which also means computing the drift on every call
         # (scoring.adaptive_window_pool); for comparisons with the official code, not a server setting
@@ -58,6 +65,7 @@ class RestKV(EvictionPolicy):
         else:
             raise ValueError("restkv needs o_proj_weight or wo_factor")
         prefix = kv.length - self.window
+        alpha = self.chunk_alpha if kv.mid_prompt else self.alpha
         score_fn = (scoring.restkv_scores_from_attention if self.mode == "after"
                     else scoring.restkv_scores_before_from_attention)
         # Carried value norms on the CPU only: there the projection is compute-bound and host memory plentiful; on
@@ -65,12 +73,12 @@ class RestKV(EvictionPolicy):
         # query heads per KV head and d = 128) would sit outside vLLM's KV memory budget.
         if self.mode == "after" and kv.state is not None and kv.order is None and kv.value.device.type == "cpu":
             norms_dtype = self.norms_matmul_dtype(attn.dtype)
-            return scoring.restkv_scores_from_attention(attn, kv.value, factor, prefix, self.alpha,
+            return scoring.restkv_scores_from_attention(attn, kv.value, factor, prefix, alpha,
                                                         value_sq_norms=self.value_sq_norms(kv, factor, attn.dtype),
                                                         norms_dtype=norms_dtype), attn
         rows = h * prefix * (attn.shape[1] if self.mode == "before" else 1)  # "before" projects every window query
         matmul_dtype = scoring.projection_matmul_dtype(self.projection_dtype, attn, rows=rows)
-        return score_fn(attn, kv.value, factor, prefix, self.alpha, matmul_dtype), attn
+        return score_fn(attn, kv.value, factor, prefix, alpha, matmul_dtype), attn
 
     def norms_matmul_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """The carried norms' matmul dtype: `dtype` (fp32) unless bf16 is asked for. With fp32 norms the expansion's
@@ -96,8 +104,8 @@ class RestKV(EvictionPolicy):
 
     def prefix_scores(self, kv: LayerKV, n: int) -> torch.Tensor:
         raw, attn = self.raw_scores(kv)
-        smoothed = scoring.adaptive_window_pool(raw, attn, n, self.beta, self.kernel_size,
-                                                self.official_zero_shift)
+        kernel_size = self.chunk_kernel_size if kv.mid_prompt else self.kernel_size
+        smoothed = scoring.adaptive_window_pool(raw, attn, n, self.beta, kernel_size, self.official_zero_shift)
         scores = scoring.gqa_aggregate(smoothed, kv.num_kv_heads, self.gqa_agg)
         if self.carry > 0:
             old = kv.carried("restkv_carry", float("nan"))
