@@ -216,9 +216,37 @@ def measure(args) -> dict:
                      "sha256": manifest["items_jsonl_sha256"]},
             "chunk": args.chunk, "dtype": args.dtype, "top_k": args.top_k, "kl_token": args.kl_token,
             "threshold": threshold,
-            "policy_config": args.policy_config,
+            "policy_config": args.policy_config, "settings": effective_settings(args), "code": code_version(),
             "seconds": time.time() - started, "rows": rows, "items": per_item,
             "raw": [{k: v for k, v in r.items() if k not in ("top", "first", "tokens")} for r in raw]}
+
+
+def effective_settings(args) -> dict:
+    """Every setting each policy of the run used, defaults included: a policy's name and --policy-config say what
+    was asked; the defaults behind them may change between versions (e.g. ReST-KV's chunk_* of 2026-12-05)."""
+    from vllm_restkv.config import KVEvictionConfig
+    from vllm_restkv.policies import POLICIES
+
+    out = {}
+    for policy in args.policies:
+        config = KVEvictionConfig.from_value({**args.policy_config, "policy": policy, "budget": max(args.budgets)})
+        used = [*POLICIES[policy].settings, "evict_during_prefill", "evict_after_prefill", "decode_interval"]
+        out[policy] = {name: getattr(config, name) for name in used}
+    return out
+
+
+def code_version() -> str | None:
+    """The plugin's commit ("+" when the working tree differs from it), None outside a git checkout."""
+    import subprocess
+
+    def git(*cmd: str) -> str:
+        return subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, timeout=30, check=True).stdout
+
+    try:
+        changed = git("status", "--porcelain", "--untracked-files=no").strip()
+        return git("rev-parse", "--short", "HEAD").strip() + ("+" if changed else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
 
 
 def summarise(policy: str, budget: int | None, length: int | None, group: list, threshold: float) -> dict:

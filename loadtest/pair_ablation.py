@@ -26,6 +26,8 @@ def main() -> int:
     p.add_argument("--base", type=Path, required=True, help="bench_accuracy.py JSON with the baseline's rows")
     p.add_argument("--baseline", default="tova",
                    help="the base run's policy to pair with; restkv pairs restkv with itself under the base run's settings")
+    p.add_argument("--first-token", action="store_true",
+                   help="pair the first generated token's KL (kl_first) of --kl-token N > 1 runs instead")
     args = p.parse_args()
     base, ablation = json.loads(args.base.read_text()), json.loads(args.ablation.read_text())
     try:
@@ -43,7 +45,8 @@ def main() -> int:
         baseline = "restkv (base run)"
         base_rows = [{**r, "policy": baseline} for r in base_rows]
     merged = {"raw": base_rows + [r for r in ablation["raw"] if r["policy"] == "restkv"]}
-    print("\n" + "\n".join(report.paired_kl_intervals(merged, baselines=(baseline,))))
+    field = "kl_first" if args.first_token else "kl"
+    print("\n" + "\n".join(report.paired_kl_intervals(merged, baselines=(baseline,), field=field)))
     return 0
 
 

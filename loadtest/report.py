@@ -391,18 +391,22 @@ def plots(acc: dict | None, agg: list[dict], loads: list[dict], eq: list[dict], 
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     if agg:
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-        for ax, key, title in ((axes[0], "agreement", "verdict agreement with the full cache"),
-                               (axes[1], "kl", "next-token KL(full || evicted)"),
-                               (axes[2], "needle_accuracy", "needle retrieval accuracy")):
+        panels = [("agreement", "verdict agreement with the full cache"),
+                  ("kl", f"next-token KL(full || evicted), token {acc.get('kl_token', 1)}"),
+                  ("needle_accuracy", "needle retrieval accuracy")]
+        if any(r.get("kl_first") is not None for r in agg):  # a --kl-token N > 1 run: the first token too
+            panels.insert(2, ("kl_first", "next-token KL(full || evicted), token 1"))
+        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4))
+        for ax, (key, title) in zip(axes, panels):
             for policy in sorted({r["policy"] for r in agg}):
-                rs = sorted((r for r in agg if r["policy"] == policy and r[key] is not None), key=lambda r: r["budget"])
+                rs = sorted((r for r in agg if r["policy"] == policy and r.get(key) is not None),
+                            key=lambda r: r["budget"])
                 ax.plot([r["budget"] for r in rs], [r[key] for r in rs], marker="o", label=policy,
                         linewidth=2.5 if policy == "restkv" else 1.2)
             ax.set_xscale("log", base=2)
             ax.set_xlabel("budget (tokens per layer and KV head)")
             ax.set_title(title)
-            if key == "kl":
+            if key in ("kl", "kl_first"):
                 ax.set_yscale("log")
         axes[0].legend(fontsize=8)
         fig.suptitle(f"restkv-modthreads, {acc['model']}, chunked prefill {acc['chunk']} ({acc['date']})")

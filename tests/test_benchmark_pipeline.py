@@ -5,6 +5,7 @@ end in its small `ci` preset."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -248,6 +249,15 @@ def test_accuracy_after_prefill_measures_the_second_token(tmp_path):
 
     after = accuracy("after", "--policy-config", '{"evict_during_prefill": false}')
     assert after["kl_token"] == 2 and len(after["raw"]) == 5
+    # every setting the policy ran with is recorded, defaults too, and the code version (a git checkout here)
+    from vllm_restkv.config import KVEvictionConfig
+    from vllm_restkv.policies import POLICIES
+
+    assert after["settings"]["restkv"] == {**{name: value for name, value in KVEvictionConfig().policy_settings().items()
+                                              if name in POLICIES["restkv"].settings},
+                                           "evict_during_prefill": False, "evict_after_prefill": True,
+                                           "decode_interval": 64}
+    assert re.fullmatch(r"[0-9a-f]{7,40}\+?", after["code"]), after["code"]
     # (up to the rounding of batches that differ between the two runs: 0 here when they do not)
     assert all(r["kl_first"] < 2e-3 and r["same_prefix"] for r in after["raw"])
     assert all(abs(r["p"] - after["items"][r["item"]]["p_full"]) < 0.02 for r in after["raw"] if "p" in r)
