@@ -158,20 +158,19 @@ def accuracy_section(acc: dict, agg: list[dict]) -> list[str]:
         lines.append(f"| {r['policy']} | {r['budget'] or 'full'} | {r['length']} | {r['compression']:.1f}x | "
                      f"{fmt(r.get('agreement'), '.3f')} | {fmt(r['kl'], '.4f')} | {fmt(r.get('needle_accuracy'), '.2f')} | "
                      f"{fmt(r.get('auroc'), '.3f')} |")
-    lines += ["", *verdict_vs_baselines(agg), *paired_kl_intervals(acc)]
+    lines += ["", *verdict_vs_baselines(agg)]
     kinds = sorted({i.get("kind") for i in acc.get("items", [])} - {None})
-    for kind in kinds if len(kinds) > 1 else []:  # threads and needles measure different things
-        lines += paired_kl_intervals(acc, kind=kind)
-    for variant in sorted({r["policy"] for r in agg if r["policy"].startswith("restkv ")}):  # merged settings
-        lines += paired_kl_intervals(acc, subject=variant)
+    fields = ["kl"]
     # the first token with eviction at chunk boundaries: what the evictions inside the prompt alone decided (with one
     # eviction after the prompt it is the full cache's for every policy: the column above shows it)
     if first and (acc.get("policy_config") or {}).get("evict_during_prefill") is not False:
-        lines += paired_kl_intervals(acc, field="kl_first")
-        for kind in kinds if len(kinds) > 1 else []:
-            lines += paired_kl_intervals(acc, kind=kind, field="kl_first")
-        for variant in sorted({r["policy"] for r in agg if r["policy"].startswith("restkv ")}):
-            lines += paired_kl_intervals(acc, subject=variant, field="kl_first")
+        fields.append("kl_first")
+    for field in fields:
+        lines += paired_kl_intervals(acc, field=field)
+        for kind in kinds if len(kinds) > 1 else []:  # threads and needles measure different things
+            lines += paired_kl_intervals(acc, kind=kind, field=field)
+        for variant in sorted({r["policy"] for r in agg if r["policy"].startswith("restkv ")}):  # merged settings
+            lines += paired_kl_intervals(acc, subject=variant, field=field)
     return lines
 
 

@@ -53,6 +53,10 @@ class RestKV(EvictionPolicy):
         # (scoring.adaptive_window_pool); for comparisons with the official code, not a server setting
         self.official_zero_shift = official_zero_shift
 
+    def smoothing(self, kv: LayerKV) -> tuple[float, int]:
+        """(EMA alpha, smoothing k_min) of this eviction: chunk_* inside the prompt, alpha / kernel_size elsewhere."""
+        return (self.chunk_alpha, self.chunk_kernel_size) if kv.mid_prompt else (self.alpha, self.kernel_size)
+
     def raw_scores(self, kv: LayerKV) -> tuple[torch.Tensor, torch.Tensor]:
         """([H, P] raw per-query-head scores, [H, w, L] window attention) of a logical view."""
         h = kv.query.shape[0]
@@ -65,7 +69,7 @@ class RestKV(EvictionPolicy):
         else:
             raise ValueError("restkv needs o_proj_weight or wo_factor")
         prefix = kv.length - self.window
-        alpha = self.chunk_alpha if kv.mid_prompt else self.alpha
+        alpha, _ = self.smoothing(kv)
         score_fn = (scoring.restkv_scores_from_attention if self.mode == "after"
                     else scoring.restkv_scores_before_from_attention)
         # Carried value norms on the CPU only: there the projection is compute-bound and host memory plentiful; on
@@ -104,7 +108,7 @@ class RestKV(EvictionPolicy):
 
     def prefix_scores(self, kv: LayerKV, n: int) -> torch.Tensor:
         raw, attn = self.raw_scores(kv)
-        kernel_size = self.chunk_kernel_size if kv.mid_prompt else self.kernel_size
+        _, kernel_size = self.smoothing(kv)
         smoothed = scoring.adaptive_window_pool(raw, attn, n, self.beta, kernel_size, self.official_zero_shift)
         scores = scoring.gqa_aggregate(smoothed, kv.num_kv_heads, self.gqa_agg)
         if self.carry > 0:
