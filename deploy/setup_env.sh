@@ -11,6 +11,17 @@ stamp_file="$VENV/.restkv-setup-stamp"
 if [[ -f "$stamp_file" && "$(cat "$stamp_file")" == "$stamp_value" ]]; then
   exit 0
 fi
+# The environment takes ~4 GiB, and pip unpacks the wheels in TMPDIR first: check the room before starting, so a
+# full disk stops here with what to do rather than halfway through pip with a half-built venv.
+NEED_GIB=${RESTKV_SETUP_NEED_GIB:-6}
+for dir in "$(dirname "$(realpath -m "$VENV")")" "${TMPDIR:-/tmp}"; do
+  free_kib=$(df -Pk "$dir" | awk 'NR == 2 {print $4}')
+  if (( free_kib < NEED_GIB * 1024 * 1024 )); then
+    echo "[setup] error: $dir has $(( free_kib / 1024 / 1024 )) GiB free; the environment needs about $NEED_GIB GiB" \
+         "there. Free some space (old clones, caches) or point VENV / TMPDIR to a larger disk." >&2
+    exit 1
+  fi
+done
 start=$(date +%s)
 echo "[setup] creating $VENV (about 3 minutes on 2 cores) ..."
 [[ -x "$VENV/bin/python" ]] || "$PY" -m venv "$VENV"

@@ -388,3 +388,15 @@ def test_dashboard_uses_known_metrics_and_covers_them():
                for e in exprs)
     assert any("sum by (policy)" in e and "restkv_evicted_tokens_total" in e for e in exprs)
     assert any("sum by (phase)" in e and "restkv_eviction_events_total" in e for e in exprs)
+
+
+def test_setup_refuses_to_start_on_a_full_disk(tmp_path):
+    """setup_env.sh checks the room before pip runs: a clear message, exit 1, and no half-built environment."""
+    venv = tmp_path / "venv"
+    env = {"PATH": "/usr/bin:/bin", "VENV": str(venv), "RESTKV_SETUP_NEED_GIB": str(1 << 40)}
+    result = subprocess.run(["bash", str(DEPLOY / "setup_env.sh")], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "GiB free; the environment needs about" in result.stderr
+    assert "point VENV / TMPDIR to a larger disk" in result.stderr
+    assert not venv.exists()
