@@ -164,6 +164,8 @@ def main() -> None:
 def engine_sizes(length: int = 768, budget: int = 256, calls: int = 400) -> None:
     """Per-call select time of each policy at the load test's sizes, where dispatch and allocation weigh more than
     the arithmetic."""
+    import dataclasses
+
     from vllm_restkv.models import TINY_SHAPE
 
     torch.set_num_threads(1)
@@ -177,23 +179,23 @@ def engine_sizes(length: int = 768, budget: int = 256, calls: int = 400) -> None
     print(f"| policy | select (ms), {h} query / {h_kv} KV heads, L={length}, budget {budget}, 1 thread |")
     print("|---|---|")
     projection = str(projection_matmul_dtype("auto", kv.key, rows=h * (length - WINDOW))).removeprefix("torch.")
-    runs = [("restkv", {}), ("restkv", {"projection_dtype": "float32"}), ("restkv", {"projection_dtype": "bfloat16"}),
-            ("restkv", {"official_zero_shift": True})]
-    runs += [(name, {}) for name in ("snapkv", "h2o", "tova", "streamingllm")]
-    policies = [get_policy(name, window=WINDOW, **settings) for name, settings in runs]
+    inside = dataclasses.replace(kv, mid_prompt=True)  # a chunk boundary before the prompt's last chunk
+    runs = [(f"restkv (projection_dtype auto: {projection})", "restkv", {}, kv),
+            ("restkv (projection_dtype float32)", "restkv", {"projection_dtype": "float32"}, kv),
+            ("restkv (projection_dtype bfloat16)", "restkv", {"projection_dtype": "bfloat16"}, kv),
+            (f"restkv (auto: {projection}, drift computed: official zero-drift shift)", "restkv",
+             {"official_zero_shift": True}, kv),
+            ("restkv inside the prompt (chunk_alpha 1: the newest query)", "restkv", {}, inside),
+            ("restkv inside the prompt, chunk_alpha 0.3 (every window query)", "restkv", {"chunk_alpha": 0.3}, inside)]
+    runs += [(name, name, {}, kv) for name in ("snapkv", "h2o", "tova", "streamingllm")]
     batch = 10  # calls per timed run; the policies' runs interleave (timed_together), 1 + calls / batch each
 
-    def calls_of(policy):
-        return lambda: [policy.select(kv, budget) for _ in range(batch)]
+    def calls_of(policy, view):
+        return lambda: [policy.select(view, budget) for _ in range(batch)]
 
-    times = timed_together([calls_of(policy) for policy in policies], calls // batch)
-    for (name, settings), seconds in zip(runs, times):
-        label = name
-        if name == "restkv":
-            label = (f"restkv (projection_dtype {settings['projection_dtype']})" if "projection_dtype" in settings
-                     else f"restkv (projection_dtype auto: {projection})")
-        if settings.get("official_zero_shift"):
-            label = f"restkv (auto: {projection}, drift computed: official zero-drift shift)"
+    times = timed_together([calls_of(get_policy(name, window=WINDOW, **settings), view)
+                            for _, name, settings, view in runs], calls // batch)
+    for (label, *_), seconds in zip(runs, times):
         print(f"| {label} | {seconds / batch * 1e3:.2f} |")
     cache = "off, as in a CPU server" if onednn_primitive_cache_off() else "on"
     print(f"\ncommand: {' '.join(sys.argv)}; torch {torch.__version__}; median of {calls // batch} interleaved runs of "

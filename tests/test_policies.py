@@ -628,6 +628,35 @@ def test_restkv_inside_the_prompt_scores_with_its_chunk_settings(mode):
     assert not torch.equal(paper.score(inside, budget=14), paper.score(kv, budget=14))
 
 
+@pytest.mark.parametrize("mode", ["after", "before"])
+def test_restkv_attends_only_the_queries_its_ema_weighs(mode):
+    """At alpha 1 (the default inside the prompt) every window query but the newest has EMA weight 0, so ReST-KV
+    attends with the newest alone, with the same scores and choice as attending with all w; where the smoothing's
+    drift reads every query's attention (L - n >= beta, or the official zero-drift rule) or alpha < 1, all w."""
+    kv = random_kv(21, L=40, w=8, dtype=F64)
+    inside = dataclasses.replace(kv, mid_prompt=True)
+    budget, n = 20, 12
+    policy = get_policy("restkv", window=8, mode=mode)
+    raw, attn = policy.raw_scores(inside, n)
+    attn = attn.clone()  # the window attention lives in scratch buffers until the next call
+    full_raw, full_attn = policy.raw_scores(inside)  # n unknown: every query
+    assert attn.shape[1] == 1 and full_attn.shape[1] == 8
+    assert torch.allclose(raw, full_raw, rtol=1e-12, atol=0)
+    assert torch.allclose(attn[:, 0], full_attn[:, -1], rtol=1e-12, atol=0)
+    # the whole select equals one that attends with every query (the drift skipped either way)
+    every_query = get_policy("restkv", window=8, mode=mode)
+    every_query.first_weighted_query = lambda kv, n: 0
+    assert torch.equal(policy.select(inside, budget), every_query.select(inside, budget))
+    # the drift needs every query's attention: L - n >= beta, or the official rule's shift at zero drift
+    for needs_all in (get_policy("restkv", window=8, mode=mode, beta=40 - n),
+                      get_policy("restkv", window=8, mode=mode, official_zero_shift=True)):
+        assert needs_all.raw_scores(inside, n)[1].shape[1] == 8
+    assert get_policy("restkv", window=8, mode=mode, beta=40 - n + 1).raw_scores(inside, n)[1].shape[1] == 1
+    # alpha < 1 weighs every query: after the prompt (alpha 0.3), or chunk_alpha < 1 inside it
+    assert policy.raw_scores(kv, n)[1].shape[1] == 8
+    assert get_policy("restkv", window=8, mode=mode, chunk_alpha=0.9).raw_scores(inside, n)[1].shape[1] == 8
+
+
 def test_restkv_before_mode_policy():
     kv = random_kv(16, L=24, w=4, dtype=F64)
     policy = get_policy("restkv", window=4, mode="before", beta=1e6, kernel_size=1)

@@ -421,8 +421,7 @@ def adaptive_window_pool(scores: torch.Tensor, attn: torch.Tensor, budget_prefix
     every head gets k = k_min and m = 0 whatever s is, and the drift's top-n selections (a quarter of ReST-KV's
     select at 768 tokens) are skipped. On SmolLM2's attention |s| stayed under 710 tokens up to 2k and was 0 once in
     30,240 cases (loadtest/drift_stats.py)."""
-    length = attn.shape[-1]
-    if not official_zero_shift and length - min(budget_prefix, length) < beta:
+    if not drift_needed(attn.shape[-1], budget_prefix, beta, official_zero_shift):
         return _shifted_box(scores, max(k_min, 1), 0)
     ks, ms = aws_kernel_and_shift(drift_score(attn, budget_prefix), beta, k_min, official_zero_shift)
     heads_by_shape: dict[tuple[int, int], list[int]] = {}
@@ -438,8 +437,16 @@ def adaptive_window_pool(scores: torch.Tensor, attn: torch.Tensor, budget_prefix
     return out
 
 
+def drift_needed(length: int, budget_prefix: int, beta: float, official_zero_shift: bool = False) -> bool:
+    """Whether adaptive_window_pool reads the window attention for the drift: only where |s| <= L - n may reach
+    beta (or with the official rule's shift at s = 0, which needs s itself)."""
+    return official_zero_shift or length - min(budget_prefix, length) >= beta
+
+
 def _shifted_box(scores: torch.Tensor, k: int, m: int) -> torch.Tensor:
     """[N, P] -> [N, P]: the mean of the k entries centred on j + m, with replicate padding."""
+    if k == 1 and m == 0:  # the identity (chunk_kernel_size 1 inside the prompt)
+        return scores
     return box_mean(F.pad(scores[:, None], (k // 2 - m, k // 2 + m), mode="replicate")[:, 0], k)
 
 

@@ -57,10 +57,12 @@ class RestKV(EvictionPolicy):
         """(EMA alpha, smoothing k_min) of this eviction: chunk_* inside the prompt, alpha / kernel_size elsewhere."""
         return (self.chunk_alpha, self.chunk_kernel_size) if kv.mid_prompt else (self.alpha, self.kernel_size)
 
-    def raw_scores(self, kv: LayerKV) -> tuple[torch.Tensor, torch.Tensor]:
-        """([H, P] raw per-query-head scores, [H, w, L] window attention) of a logical view."""
+    def raw_scores(self, kv: LayerKV, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """([H, P] raw per-query-head scores, [H, w', L] window attention) of a logical view, for `n` kept prefix
+        tokens (None: unknown, every window query is attended)."""
         h = kv.query.shape[0]
-        attn = scoring.window_attention(kv.query, kv.key, query_positions=kv.query_positions(),
+        first = self.first_weighted_query(kv, n)
+        attn = scoring.window_attention(kv.query[:, first:], kv.key, query_positions=kv.query_positions()[first:],
                                         key_positions=kv.positions, reuse=True)  # dropped by prefix_scores
         if kv.wo_factor is not None:
             factor = kv.wo_factor.to(attn.dtype)
@@ -83,6 +85,18 @@ class RestKV(EvictionPolicy):
         rows = h * prefix * (attn.shape[1] if self.mode == "before" else 1)  # "before" projects every window query
         matmul_dtype = scoring.projection_matmul_dtype(self.projection_dtype, attn, rows=rows)
         return score_fn(attn, kv.value, factor, prefix, alpha, matmul_dtype), attn
+
+    def first_weighted_query(self, kv: LayerKV, n: int | None) -> int:
+        """The oldest window query this eviction needs. A query whose EMA weight is 0 (all but the newest at alpha
+        1, the default inside the prompt) adds nothing to either mode's score; only the smoothing's drift reads
+        every query's attention, and it is skipped below beta (scoring.adaptive_window_pool). So at alpha 1 the
+        window attention shrinks from w rows per head to one, with the same scores."""
+        alpha, _ = self.smoothing(kv)
+        w = kv.query.shape[1]
+        if n is None or alpha < 1.0 or w <= 1 or scoring.drift_needed(kv.length, n, self.beta,
+                                                                      self.official_zero_shift):
+            return 0
+        return w - 1
 
     def norms_matmul_dtype(self, dtype: torch.dtype) -> torch.dtype:
         """The carried norms' matmul dtype: `dtype` (fp32) unless bf16 is asked for. With fp32 norms the expansion's
@@ -107,7 +121,7 @@ class RestKV(EvictionPolicy):
         return cached
 
     def prefix_scores(self, kv: LayerKV, n: int) -> torch.Tensor:
-        raw, attn = self.raw_scores(kv)
+        raw, attn = self.raw_scores(kv, n)
         _, kernel_size = self.smoothing(kv)
         smoothed = scoring.adaptive_window_pool(raw, attn, n, self.beta, kernel_size, self.official_zero_shift)
         scores = scoring.gqa_aggregate(smoothed, kv.num_kv_heads, self.gqa_agg)
