@@ -109,7 +109,7 @@ def main() -> int:
               "thread_tokens": args.thread_tokens, "chunk": args.chunk, "dtype": args.dtype, "seed": args.seed,
               "moderator": {"variant": args.variant, "recipe_version": meta.get("recipe_version"),
                             "scoring": meta.get("scoring", "last_token")},
-              "runs": []}
+              "labels": labels, "runs": []}  # each run keeps its threads' scores, so runs can be paired later
 
     log("full cache server ...")
     with serve(model, "none", 0, args.chunk, log_dir, args.dtype) as s:
@@ -123,7 +123,7 @@ def main() -> int:
         full = score_all(s.url, [t["text"] for t in threads], 4, "threads, full cache")
     full_flag = [x >= 0.5 for x in full]
     result["runs"].append({"policy": "none", "budget": None, "auroc": auroc(full, labels), **by_kind(full, threads),
-                           **rates_at(full, labels)})
+                           **rates_at(full, labels), "scores": full})
     for policy in args.policies:
         for budget in args.budgets:
             log(f"{policy} budget {budget} server ...")
@@ -135,6 +135,7 @@ def main() -> int:
                 **rates_at(scores, labels),
                 "agreement": sum(a == b for a, b in zip(flags, full_flag)) / len(flags),
                 "mean_abs_delta": sum(abs(a - b) for a, b in zip(scores, full)) / len(scores),
+                "scores": scores,
             })
     print(f"held-out comments: AUROC {result['comments']['auroc']:.3f} (n={result['comments']['n']})")
     print(f"threads of ~{args.thread_tokens} tokens, n={args.threads}, chunk {args.chunk}")
