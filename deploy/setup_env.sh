@@ -11,9 +11,9 @@ stamp_file="$VENV/.restkv-setup-stamp"
 if [[ -f "$stamp_file" && "$(cat "$stamp_file")" == "$stamp_value" ]]; then
   exit 0
 fi
-# The environment takes ~4 GiB, and pip unpacks the wheels in TMPDIR first: check the room before starting, so a
-# full disk stops here with what to do rather than halfway through pip with a half-built venv.
-NEED_GIB=${RESTKV_SETUP_NEED_GIB:-6}
+# The environment takes ~4 GiB, and pip keeps the downloaded wheels in TMPDIR while it installs: check the room
+# first, so a full disk stops here with what to do rather than halfway through pip with a half-built venv.
+NEED_GIB=${RESTKV_SETUP_NEED_GIB:-5}
 for dir in "$(dirname "$(realpath -m "$VENV")")" "${TMPDIR:-/tmp}"; do
   free_kib=$(df -Pk "$dir" | awk 'NR == 2 {print $4}')
   if (( free_kib < NEED_GIB * 1024 * 1024 )); then
