@@ -357,8 +357,8 @@ def test_merge_accuracy_names_settings_and_refuses_other_items():
 @pytest.mark.parametrize("mode", ["--quick", "--engine-sizes"])
 def test_scoring_benchmark_runs_and_reports_both_projections(mode):
     """The scoring micro-benchmark (issue #3's table) runs end to end; ReST-KV appears with its default projection
-    and with the float32 one (at engine sizes also with bfloat16 and with the official zero-drift rule), and every
-    time is a positive number."""
+    and with the float32 one (at engine sizes also with bfloat16, with the official zero-drift rule and at an
+    eviction inside the prompt with chunk_alpha 1 and 0.3), and every time is a positive number."""
     proc = subprocess.run([sys.executable, str(REPO / "loadtest" / "bench_scoring.py"), mode], capture_output=True,
                           text=True, timeout=300, check=True)
     rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines()
@@ -371,7 +371,9 @@ def test_scoring_benchmark_runs_and_reports_both_projections(mode):
         assert names[0].startswith("restkv (projection_dtype auto: ")
         assert names[1:3] == ["restkv (projection_dtype float32)", "restkv (projection_dtype bfloat16)"]
         assert names[3].startswith("restkv (auto: ") and "official zero-drift shift" in names[3]
-        assert names[4:] == ["snapkv", "h2o", "tova", "streamingllm"]
+        assert names[4:6] == ["restkv inside the prompt (chunk_alpha 1: the newest query)",
+                              "restkv inside the prompt, chunk_alpha 0.3 (every window query)"]
+        assert names[6:] == ["snapkv", "h2o", "tova", "streamingllm"]
         assert "oneDNN primitive cache o" in proc.stdout  # on or off: the env var may be inherited from vLLM runs
         times = [float(r[1]) for r in rows]
     assert all(t > 0 for t in times)
