@@ -19,6 +19,7 @@ reading and compacting the CPU KV cache.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import sys
 import time
@@ -164,8 +165,6 @@ def main() -> None:
 def engine_sizes(length: int = 768, budget: int = 256, calls: int = 400) -> None:
     """Per-call select time of each policy at the load test's sizes, where dispatch and allocation weigh more than
     the arithmetic."""
-    import dataclasses
-
     from vllm_restkv.models import TINY_SHAPE
 
     torch.set_num_threads(1)
@@ -208,8 +207,6 @@ def carried_norms(calls: int = 200, sizes=((256, 128), (256, 512), (512, 512), (
     (a prefill chunk, or decode tokens). In a request's state the kept tokens' ||W_o^h v_j||^2 are carried from the
     previous eviction, so only the new tokens are projected; "first" is a request's first eviction (state, nothing
     carried yet), "stateless" the offline path (every token projected). Medians of interleaved runs."""
-    import dataclasses
-
     from vllm_restkv.models import TINY_SHAPE
 
     torch.set_num_threads(1)
