@@ -3,8 +3,10 @@
     python loadtest/gpu_check.py [--out gpu_check.json]
 
 1. FlashAttention cache layout: vllm-restkv's token-major read/compact agrees with vLLM's own
-   `reshape_and_cache_flash` write (bf16, the layout the GPU backends use).
-2. Scoring time on the GPU: ReST-KV vs SnapKV selection for L in {4k, 16k, 32k, 128k} (Llama-3-8B layer shapes).
+   `reshape_and_cache_flash` write (bf16, the layout the GPU backends use), compaction by torch and by the Triton
+   kernel (what the engine runs on CUDA, `kernels` auto), and the start-up kernel check passes.
+2. Scoring time on the GPU: ReST-KV (Triton kernel, and `kernels` torch) vs SnapKV selection for L in {4k, 16k, 32k,
+   128k} (Llama-3-8B layer shapes), and the two ReST-KV paths' kept sets compared.
 3. The engine end to end on the GPU (V1 runner forced, FlashAttention): StreamingLLM eviction with chunked
    prefill and decode-time eviction against the masked fp32 transformers oracle (as tests/test_engine_eviction.py;
    the engine runs bf16 here since FlashAttention has no fp32, so the tolerance is 0.15 in log-prob),
@@ -29,7 +31,10 @@ REPO = Path(__file__).resolve().parent.parent
 def check_layout() -> dict:
     from vllm import _custom_ops as ops
 
+    from vllm_restkv import kernel_choice
     from vllm_restkv.engine.kv_layout import FlashKVLayout, compact
+
+    kernel_choice.verify("cuda")  # raises with its message if a kernel is wrong on this GPU
 
     nb, bs, h, d, n = 6, 16, 8, 128, 70
     cache = torch.zeros(2, nb, bs, h, d, dtype=torch.bfloat16, device="cuda")
@@ -46,7 +51,12 @@ def check_layout() -> dict:
     k2, v2 = FlashKVLayout.read(cache, blocks, 40)
     idx = kept[..., None].expand(-1, -1, d)
     compact_ok = torch.equal(k2, k.gather(1, idx)) and torch.equal(v2, v.gather(1, idx))
-    return {"layout_read_ok": read_ok, "layout_compact_ok": compact_ok}
+    # the same compaction by the Triton kernel, in place on a second copy of the written cache
+    cache2 = torch.zeros_like(cache)
+    ops.reshape_and_cache_flash(key, value, cache2[0], cache2[1], slots, "auto", one, one)
+    compact(FlashKVLayout, cache2, blocks, *FlashKVLayout.read(cache2, blocks, n), kept, triton=True)
+    triton_ok = torch.equal(cache2, cache)
+    return {"layout_read_ok": read_ok, "layout_compact_ok": compact_ok, "layout_compact_triton_ok": triton_ok}
 
 
 def time_scoring(lengths: list[int]) -> list[dict]:
@@ -64,11 +74,14 @@ def time_scoring(lengths: list[int]) -> list[dict]:
         kv = LayerKV(query=q, key=k, value=v, positions=torch.arange(L, device="cuda").expand(H_KV, L),
                      o_proj_weight=weight, wo_factor=factor)
         row = {"L": L}
-        for label, name, settings in (("restkv", "restkv", {}),  # projection_dtype auto: bf16 on CUDA
-                                      ("restkv_fp32proj", "restkv", {"projection_dtype": "float32"}),
+        kept = {}
+        for label, name, settings in (("restkv", "restkv", {}),  # kernels auto: the Triton kernel on CUDA
+                                      ("restkv_torch", "restkv", {"kernels": "torch"}),  # projection in bf16
+                                      ("restkv_torch_fp32proj", "restkv",
+                                       {"kernels": "torch", "projection_dtype": "float32"}),
                                       ("snapkv", "snapkv", {})):
             policy = get_policy(name, **settings)
-            policy.select(kv, 1024)
+            kept[label] = policy.select(kv, 1024)
             times = []
             for _ in range(5):
                 torch.cuda.synchronize()
@@ -77,9 +90,14 @@ def time_scoring(lengths: list[int]) -> list[dict]:
                 torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
             row[label + "_ms"] = 1e3 * statistics.median(times)
+        # Triton kernel vs torch with an fp32 projection: kept sets may differ only at near-ties
+        row["restkv_triton_vs_torch_kept_overlap"] = float(
+            sum(len(set(a.tolist()) & set(b.tolist())) for a, b in zip(kept["restkv"], kept["restkv_torch_fp32proj"]))
+            / kept["restkv"].numel())
         rows.append(row)
-        print(f"  L={L}: restkv {row['restkv_ms']:.2f} ms (fp32 projection {row['restkv_fp32proj_ms']:.2f}), "
-              f"snapkv {row['snapkv_ms']:.2f} ms", flush=True)
+        print(f"  L={L}: restkv {row['restkv_ms']:.2f} ms (Triton), torch {row['restkv_torch_ms']:.2f} "
+              f"(fp32 projection {row['restkv_torch_fp32proj_ms']:.2f}), snapkv {row['snapkv_ms']:.2f} ms, "
+              f"kept overlap {row['restkv_triton_vs_torch_kept_overlap']:.4f}", flush=True)
     return rows
 
 
@@ -127,8 +145,9 @@ def main() -> int:
     report.update(check_engine())
     Path(args.out).write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
-    ok = report["layout_read_ok"] and report["layout_compact_ok"] and report["streaming_oracle_ok"] and \
-        report["restkv_blocks_returned"]
+    ok = report["layout_read_ok"] and report["layout_compact_ok"] and report["layout_compact_triton_ok"] and \
+        report["streaming_oracle_ok"] and report["restkv_blocks_returned"] and \
+        all(r["restkv_triton_vs_torch_kept_overlap"] > 0.99 for r in report["scoring"])
     return 0 if ok else 1
 
 

@@ -5,7 +5,9 @@ access to the scheduler's block pool, so tests can check the allocator's own fre
 Spec keys: model, kv_eviction (dict or None), llm (extra LLM kwargs), prompts (list of token-id lists or strings),
 max_tokens, extra_args (list, per prompt, or None), logprobs (int), abort_after_steps (optional), one_at_a_time
 (run the prompts one after another instead of as one batch), params (list, per prompt: SamplingParams keyword
-arguments over the defaults), top_logprobs (return every position's top-`logprobs` distribution as [id, logprob] pairs).
+arguments over the defaults), top_logprobs (return every position's top-`logprobs` distribution as [id, logprob] pairs),
+count_triton_scores (report how often the engine scored with the Triton kernel, `triton_score_calls`), env (variables
+set before vLLM is imported, e.g. TRITON_INTERPRET).
 """
 
 from __future__ import annotations
@@ -21,7 +23,20 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 
 def main(spec: dict) -> dict:
+    os.environ.update(spec.get("env", {}))
     from vllm import LLM, SamplingParams
+
+    triton_calls = [0]
+    if spec.get("count_triton_scores"):
+        import kernels
+
+        real_score = kernels.restkv_score_triton
+
+        def counted_score(*args, **kwargs):  # RestKV imports it from the package at each call
+            triton_calls[0] += 1
+            return real_score(*args, **kwargs)
+
+        kernels.restkv_score_triton = counted_score
 
     llm_kwargs = dict(model=spec["model"], enforce_eager=True, dtype=spec.get("dtype", "float32"), seed=0,
                       max_model_len=spec.get("max_model_len", 4096))
@@ -88,6 +103,7 @@ def main(spec: dict) -> dict:
         "generate_seconds": generate_seconds,
         "captured_query_tokens": worker_eviction(core).captured_tokens if restkv else None,
         "preemptions": preemptions[0],
+        "triton_score_calls": triton_calls[0],
     }
     return result
 

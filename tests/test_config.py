@@ -55,6 +55,7 @@ def test_full_settings_roundtrip():
         ({"policy": "restkv", "chunk_kernel_size": 2.5}, "chunk_kernel_size must be an integer"),
         ({"policy": "restkv", "gqa_agg": "median"}, "unknown gqa_agg 'median'"),
         ({"policy": "restkv", "projection_dtype": "fp16"}, "unknown projection_dtype 'fp16'; allowed: auto, float32"),
+        ({"policy": "restkv", "kernels": "cuda"}, "unknown kernels 'cuda'; allowed: auto, torch, triton"),
         ({"policy": "restkv", "budgt": 64}, "unknown setting(s) ['budgt']"),
         ({"policy": "restkv", "shadow_rate": 1.5}, "shadow_rate must be in [0, 1]"),
         ({"policy": "restkv", "carry": 1.0}, "carry must be in [0, 1)"),
@@ -126,6 +127,24 @@ def test_cross_field_error_exits_with_message():
     with pytest.raises(SystemExit) as err:
         cli_args.merge_cli_args_into(_EngineArgs(), args)
     assert "budget 8 is smaller than the observation window 32" in str(err.value)
+
+
+def test_triton_kernels_without_cuda_or_the_interpreter_are_refused_at_start_up(monkeypatch):
+    """kernels=triton on this CPU machine (no CUDA) cannot run; the flag stops start-up and says what to use, while
+    auto and torch start (auto: torch here) and the interpreter (the CPU tests' way of running Triton) is accepted."""
+    import torch
+
+    assert not torch.cuda.is_available()
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    args = _parser().parse_args(["--kv-eviction", "restkv", "--kv-eviction-config", '{"kernels": "triton"}'])
+    with pytest.raises(SystemExit) as err:
+        cli_args.merge_cli_args_into(_EngineArgs(), args)
+    assert "kernels=triton needs a CUDA device" in str(err.value) and "kernels=auto" in str(err.value)
+    for setting in ("auto", "torch"):
+        assert KVEvictionConfig.from_value({"policy": "restkv", "kernels": setting}).kernels == setting
+    assert KVEvictionConfig.from_value({"kernels": "triton"}).kernels == "triton"  # eviction off: nothing runs
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert KVEvictionConfig.from_value({"policy": "restkv", "kernels": "triton"}).kernels == "triton"
 
 
 def test_engine_args_made_safe_for_eviction_and_unsupported_features_refused():
@@ -235,7 +254,8 @@ def test_every_policy_setting_reaches_the_policies():
     from vllm_restkv.policies import get_policy
 
     engine_fields = {"policy", "budget", "evict_after_prefill", "evict_during_prefill", "decode_interval",
-                     "allow_request_override", "shadow_rate"}  # (shadow_rate steers /v1/moderations)
+                     "allow_request_override", "shadow_rate",  # (shadow_rate steers /v1/moderations)
+                     "kernels"}  # (which code scores and compacts: the worker hands it to every policy it builds)
     assert set(KVEvictionConfig.field_names()) == engine_fields | set(POLICY_SETTINGS)
     changed = NON_DEFAULT_SETTINGS
     assert set(changed) == set(POLICY_SETTINGS)

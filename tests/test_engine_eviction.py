@@ -324,3 +324,26 @@ def test_restkv_scores_inside_the_prompt_with_its_chunk_settings(tiny_model):
     assert a[0] == d[0] and b[0] == c[0], (a[0], d[0], b[0], c[0])
     assert abs(a[0] - b[0]) > 1e-5, (a[0], b[0])
     assert (a[1:] - d[1:]).abs().max() > 1e-4, (a - d).abs().max()
+
+
+def test_restkv_scores_by_the_triton_kernel_in_the_engine(tiny_model):
+    """`kernels` through the real engine: with kernels=triton (Triton's interpreter here; on a GPU `auto` does the
+    same without it) every ReST-KV eviction of every layer is scored by kernels/restkv_score.py, and the engine
+    keeps the tokens the torch path keeps: the same eviction points, tokens and log-probs, every block returned."""
+    prompt = prompt_ids(700, seed=79)
+    base = {"model": str(tiny_model), "prompts": [prompt], "max_tokens": 100, "llm": {"max_num_batched_tokens": 256},
+            "count_triton_scores": True}
+    # a decode eviction every 64 tokens with blocks of 128 (16, rounded up to fill the last block: 192 + 64 = 256)
+    evict = {"policy": "restkv", "budget": 192, "decode_interval": 16}
+    torch_run = run_engine({**base, "kv_eviction": {**evict, "kernels": "torch"}})
+    triton_run = run_engine({**base, "kv_eviction": {**evict, "kernels": "triton"}, "env": {"TRITON_INTERPRET": "1"}})
+    events = triton_run["stats"]["events"]
+    assert events == torch_run["stats"]["events"] and events.get("decode", 0) >= 1, events
+    layers = 4  # tiny-llama
+    assert torch_run["triton_score_calls"] == 0
+    # one per layer and eviction, and the two of the kernel check before the first use (fp32 and bf16 inputs)
+    assert triton_run["triton_score_calls"] == layers * sum(events.values()) + 2
+    assert triton_run["tokens"] == torch_run["tokens"]
+    diff = (torch.tensor(triton_run["logprobs"][0]) - torch.tensor(torch_run["logprobs"][0])).abs().max()
+    assert diff < 1e-4, diff
+    assert triton_run["final_free_blocks"] == triton_run["idle_free_blocks"]

@@ -8,6 +8,7 @@ prints their results as JSON.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -95,6 +96,31 @@ def test_compact_gather_rejects_bad_shapes():
         compact_gather_torch(k, v, src, src, kept[:1])
 
 
+def test_restkv_takes_the_kernel_only_where_it_applies(monkeypatch):
+    """RestKV's kernel choice without running Triton: torch and auto (on this CPU) never take it; triton takes it
+    only for views the kernel computes exactly ("after" mode, logical order, a full window, no float64), and on a
+    CPU without the interpreter it stops at the kernel check with the message, before scoring anything."""
+    from vllm_restkv import kernel_choice
+    from vllm_restkv.policies import LayerKV, RestKV
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    q, k, v, W = score_inputs(20)
+    kv = LayerKV(query=q, key=k, value=v, positions=torch.arange(70).expand(2, 70), o_proj_weight=W)
+    assert not RestKV(window=8, kernels="torch").uses_triton(kv)
+    assert not RestKV(window=8, kernels="auto").uses_triton(kv)  # CPU tensors
+    triton = RestKV(window=8, kernels="triton")
+    assert not RestKV(window=8, kernels="triton", mode="before").uses_triton(kv)
+    assert not RestKV(window=16, kernels="triton").uses_triton(kv)  # 8 window queries of 16: the start of a prompt
+    shuffled = dataclasses.replace(kv, positions=torch.randperm(70).expand(2, 70))
+    assert not triton.uses_triton(shuffled.logical())  # rows reordered for the policy: physical != logical
+    assert not triton.uses_triton(LayerKV(query=q.double(), key=k.double(), value=v.double(),
+                                          positions=kv.positions, o_proj_weight=W.double()))
+    with pytest.raises(kernel_choice.KernelCheckError, match="kernels=triton needs a CUDA device"):
+        triton.select(kv, 30)
+    with pytest.raises(ValueError, match="unknown kernels 'gpu'"):
+        RestKV(kernels="gpu")
+
+
 # ---------- Triton kernels under the interpreter (subprocess) ----------
 
 def _score_case(seed, tol=1e-4, block_l=16, split=32, dtype=torch.float32, key_view=False, sink=False, **shape):
@@ -131,7 +157,82 @@ def _compact_case(seed, dst_kind, block_b=4, **kwargs):
     return {"ok": torch.equal(k, expect_k) and torch.equal(v, expect_v)}
 
 
+def _policy_case(seed, mid_prompt=False, beta=2000.0, compacted=False, state=False):
+    """The engine's wiring of the score kernel: RestKV(kernels="triton") against RestKV(kernels="torch") on the same
+    view (scores to 1e-4 relative, the same kept tokens), and the torch window attention only where the drift
+    needs it. `compacted`: positions with gaps, as after an earlier eviction; `state`: a request's state dict (on
+    the CPU the torch path then expands around carried value norms)."""
+    from vllm_restkv.policies import LayerKV, RestKV
+
+    h, h_kv, w, d, hidden, length, budget = 4, 2, 8, 16, 32, 70, 30
+    q, k, v, W = score_inputs(seed, H=h, Hkv=h_kv, w=w, d=d, D=hidden, L=length)
+    g = torch.Generator().manual_seed(seed)
+    if compacted:
+        prefix = torch.randperm(150, generator=g)[: length - w].sort().values
+        positions = torch.cat([prefix, torch.arange(150, 150 + w)])
+    else:
+        positions = torch.arange(length)
+    kv = LayerKV(query=q, key=k, value=v, positions=positions.expand(h_kv, length), o_proj_weight=W,
+                 mid_prompt=mid_prompt, state={} if state else None)
+    fast, ref = (RestKV(window=w, beta=beta, kernels=name) for name in ("triton", "torch"))
+    if not fast.uses_triton(kv):
+        return {"ok": False, "error": "the Triton path was not taken"}
+    got, expect = fast.score(kv, budget), ref.score(kv, budget)
+    err = float(((got - expect).abs() / expect.abs().clamp_min(1e-6))[:, : length - w].max())
+    same_kept = torch.equal(fast.select(kv, budget), ref.select(kv, budget))
+    _, attn = fast.raw_scores(kv, budget - w)
+    drift = beta <= length - (budget - w)
+    return {"ok": err < 1e-4 and same_kept and (attn is not None) == drift, "max_rel_err": err,
+            "same_kept": same_kept, "attention_computed": attn is not None}
+
+
+def _flash_compact_case(seed):
+    """The engine's wiring of the compaction kernel: kv_layout.compact(triton=True) on FlashAttention's
+    [2, nb, bs, H, d] cache equals the torch path, bit for bit, including the blocks it must not touch."""
+    from vllm_restkv.engine.kv_layout import FlashKVLayout, compact
+
+    g = torch.Generator().manual_seed(seed)
+    cache = torch.randn(2, 10, 4, 2, 16, generator=g).to(torch.bfloat16)
+    blocks = torch.tensor([7, 2, 9, 0, 5, 3])
+    n, budget = 23, 9
+    kept = torch.stack([torch.randperm(n, generator=g)[:budget].sort().values for _ in range(2)])
+    expect = cache.clone()
+    k, v = FlashKVLayout.read(expect, blocks, n)
+    compact(FlashKVLayout, expect, blocks, k.clone(), v.clone(), kept)
+    k, v = FlashKVLayout.read(cache, blocks, n)
+    compact(FlashKVLayout, cache, blocks, k, v, kept, triton=True)
+    return {"ok": torch.equal(cache, expect)}
+
+
+def _verify_case():
+    """kernel_choice.verify passes the real kernels, and a kernel that returns wrong scores is caught with a
+    message that names kernels=torch."""
+    import kernels
+    from vllm_restkv import kernel_choice
+
+    kernel_choice.verify("cpu")
+    passed = "cpu" in kernel_choice._verified
+    kernel_choice._verified.clear()
+    real = kernels.restkv_score_triton
+    kernels.restkv_score_triton = lambda *a, **kw: real(*a, **kw) * 1.001
+    try:
+        kernel_choice.verify("cpu")
+        message = ""
+    except kernel_choice.KernelCheckError as e:
+        message = str(e)
+    finally:
+        kernels.restkv_score_triton = real
+    return {"ok": passed and "restkv_score" in message and '"kernels": "torch"' in message
+            and "cpu" not in kernel_choice._verified, "message": message}
+
+
 INTERPRETED = {
+    "engine_restkv_scores_by_the_kernel": lambda: _policy_case(10),
+    "engine_restkv_inside_the_prompt": lambda: _policy_case(11, mid_prompt=True),
+    "engine_restkv_drift_needed": lambda: _policy_case(12, beta=20.0),
+    "engine_restkv_compacted_positions_with_state": lambda: _policy_case(13, compacted=True, state=True),
+    "engine_flash_compaction_by_the_kernel": lambda: _flash_compact_case(14),
+    "kernel_check_catches_a_wrong_kernel": _verify_case,
     "score_gqa_several_splits": lambda: _score_case(3),
     "score_mha_padded_dims": lambda: _score_case(4, H=2, Hkv=2, w=5, d=8, D=16, L=23, split=16),
     "score_group3_bf16_key_view": lambda: _score_case(5, H=6, Hkv=2, w=4, d=16, D=24, L=40, dtype=torch.bfloat16,

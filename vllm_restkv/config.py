@@ -58,6 +58,10 @@ class KVEvictionConfig:
     # ReST-KV's W_o projection matmul: auto (bfloat16 on a GPU or a CPU with native bf16, else float32), float32,
     # bfloat16 (vllm_restkv.scoring.projection_matmul_dtype).
     projection_dtype: str = "auto"
+    # Who computes ReST-KV's raw scores and the compaction: auto (the Triton kernels of kernels/ where the KV cache is
+    # on CUDA, torch elsewhere), torch, triton (on a CPU only under TRITON_INTERPRET=1, for tests);
+    # vllm_restkv/kernel_choice.py. An engine setting: compaction is the same for every policy.
+    kernels: str = "auto"
     # Whether requests may override policy settings through `vllm_xargs` (budget, or turning eviction off).
     allow_request_override: bool = True
     # Fidelity checks in production: this fraction of /v1/moderations requests is scored a second time with eviction
@@ -176,6 +180,13 @@ class KVEvictionConfig:
                 f"kv_eviction: unknown projection_dtype {self.projection_dtype!r}; "
                 f"allowed: {', '.join(PROJECTION_DTYPES)}"
             )
+        from vllm_restkv.kernel_choice import KERNEL_CHOICES, unavailable_reason
+
+        if self.kernels not in KERNEL_CHOICES:
+            raise KVEvictionConfigError(
+                f"kv_eviction: unknown kernels {self.kernels!r}; allowed: {', '.join(KERNEL_CHOICES)}")
+        if self.enabled and unavailable_reason(self.kernels):
+            raise KVEvictionConfigError(f"kv_eviction: {unavailable_reason(self.kernels)}")
 
 
 GQA_AGGREGATIONS = ("mean", "max", "mean_raw", "layer")  # vllm_restkv.scoring.GQA_MODES

@@ -411,8 +411,9 @@ def aws_kernel_and_shift(s: torch.Tensor, beta: float, k_min: int, official_zero
     return ks, ms
 
 
-def adaptive_window_pool(scores: torch.Tensor, attn: torch.Tensor, budget_prefix: int, beta: float = 2000.0,
-                         k_min: int = 5, official_zero_shift: bool = False) -> torch.Tensor:
+def adaptive_window_pool(scores: torch.Tensor, attn: torch.Tensor | None, budget_prefix: int, beta: float = 2000.0,
+                         k_min: int = 5, official_zero_shift: bool = False, length: int | None = None
+                         ) -> torch.Tensor:
     """Adaptive window-based smoothing of scores [H, P]: per head a box filter of width k_h centred on j + m_h with
     replicate padding; k_h and m_h follow the drift of the top `budget_prefix` keys across the window attention
     attn [H, w, L] (section 4; oracle O4).
@@ -420,9 +421,12 @@ def adaptive_window_pool(scores: torch.Tensor, attn: torch.Tensor, budget_prefix
     The drift is a mean difference of the mean positions of two sets of n keys among L, so |s| <= L - n; below beta
     every head gets k = k_min and m = 0 whatever s is, and the drift's top-n selections (a quarter of ReST-KV's
     select at 768 tokens) are skipped. On SmolLM2's attention |s| stayed under 710 tokens up to 2k and was 0 once in
-    30,240 cases (loadtest/drift_stats.py)."""
-    if not drift_needed(attn.shape[-1], budget_prefix, beta, official_zero_shift):
+    30,240 cases (loadtest/drift_stats.py). `attn` may be None where the drift is not needed (then `length`, the
+    number of keys L, decides that)."""
+    if not drift_needed(attn.shape[-1] if attn is not None else length, budget_prefix, beta, official_zero_shift):
         return _shifted_box(scores, max(k_min, 1), 0)
+    if attn is None:
+        raise ValueError("adaptive_window_pool: the drift needs the window attention")
     ks, ms = aws_kernel_and_shift(drift_score(attn, budget_prefix), beta, k_min, official_zero_shift)
     heads_by_shape: dict[tuple[int, int], list[int]] = {}
     for h, shape in enumerate(zip(ks, ms)):

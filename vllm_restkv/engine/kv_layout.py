@@ -7,7 +7,8 @@ write the kept rows into the request's first blocks (compaction). The byte layou
   (block, head) slab depends on the ISA: with `vec` the first `block_size * head_size` values are **K transposed**
   and the next are V row-major; `amx` packs differently. `probe_cpu_layout` discovers the order once per process by
   writing known values through vLLM's own cache-write op, so any ISA works and an unmappable one fails loudly.
-* FlashAttention / Triton (GPU): `[2, num_blocks, block_size, num_kv_heads, head_size]`.
+* FlashAttention / Triton (GPU): `[2, num_blocks, block_size, num_kv_heads, head_size]`. There compaction runs
+  the Triton kernel kernels/compact_gather.py on the cache in place (`kernels` auto), without reading K/V out.
 """
 
 from __future__ import annotations
@@ -40,10 +41,23 @@ class FlashKVLayout:
         kv_cache[0, blk, off] = k.transpose(0, 1).to(kv_cache.dtype)
         kv_cache[1, blk, off] = v.transpose(0, 1).to(kv_cache.dtype)
 
+    @staticmethod
+    def compact_in_place(kv_cache: torch.Tensor, block_ids: torch.Tensor, kept: torch.Tensor) -> None:
+        """`compact` by the Triton kernel, on [nb, H, bs, d] views of K and V (same strides, as the kernel needs)."""
+        from kernels import compact_gather_triton
+
+        key, value = kv_cache[0].permute(0, 2, 1, 3), kv_cache[1].permute(0, 2, 1, 3)
+        needed = -(-kept.shape[1] // kv_cache.shape[2])
+        compact_gather_triton(key, value, block_ids, block_ids[:needed], kept)
+
 
 def compact(layout, kv_cache: torch.Tensor, block_ids: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-            kept: torch.Tensor) -> None:
-    """Gather the kept rows (per head, `kept` [H, B] indices into k/v [H, n, d]) into slots 0..B-1."""
+            kept: torch.Tensor, triton: bool = False) -> None:
+    """Gather the kept rows (per head, `kept` [H, B] indices into k/v [H, n, d], the rows of `block_ids`) into
+    slots 0..B-1. `triton`: by the Triton kernel where the layout has one (FlashAttention's), else in torch."""
+    if triton and hasattr(layout, "compact_in_place"):
+        layout.compact_in_place(kv_cache, block_ids, kept)
+        return
     index = kept.unsqueeze(-1).expand(-1, -1, k.shape[-1])
     layout.write_prefix(kv_cache, block_ids, torch.gather(k, 1, index), torch.gather(v, 1, index))
 

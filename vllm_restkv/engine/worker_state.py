@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from vllm_restkv import kernel_choice
 from vllm_restkv.config import KVEvictionConfig, KVEvictionConfigError, evicts_during_prefill
 from vllm_restkv.engine import kv_layout
 
@@ -142,6 +143,7 @@ class WorkerEviction:
         self.layers: dict[str, LayerInfo] | None = None
         self.layer_list: list[LayerInfo] = []
         self.layout = None
+        self.triton_compaction = False  # compaction by kernels/compact_gather.py (set with the layout)
         self.ring: torch.Tensor | None = None  # [num_layers, slots * window, H, d]
         self.capture_token_idx: torch.Tensor | None = None
         self.capture_ring_idx: torch.Tensor | None = None
@@ -150,13 +152,16 @@ class WorkerEviction:
         self.policies: dict[str, Any] = {}
         self.block_size = runner.cache_config.block_size
         self.max_model_len = runner.max_model_len
+        device = getattr(runner, "device", None)
+        if device is not None and torch.device(device).type == "cuda" and config.kernels != "torch":
+            kernel_choice.verify(device)  # at start-up: a kernel that fails here must not score the first request
 
     # ---------- lifecycle ----------
     def _policy(self, name: str):
         if name not in self.policies:
             from vllm_restkv.policies import get_policy
 
-            self.policies[name] = get_policy(name, **self.config.policy_settings())
+            self.policies[name] = get_policy(name, kernels=self.config.kernels, **self.config.policy_settings())
         return self.policies[name]
 
     def _slot(self) -> int:
@@ -336,6 +341,8 @@ class WorkerEviction:
                                                      getattr(layer0, "isa", "vec"))
         else:
             self.layout = kv_layout.FlashKVLayout
+        self.triton_compaction = (hasattr(self.layout, "compact_in_place")
+                                  and kernel_choice.use_triton(self.config.kernels, infos[0].kv_cache))
 
     def _grow_ring(self, slots: int) -> None:
         old = self.ring
@@ -419,7 +426,7 @@ class WorkerEviction:
             kept = policy.select(kv, budget)
             policy.after_select(kv, kept)
             t1 = time.perf_counter()
-            kv_layout.compact(self.layout, info.kv_cache, blocks, k, v, kept)
+            kv_layout.compact(self.layout, info.kv_cache, blocks, k, v, kept, triton=self.triton_compaction)
             new_positions.append(positions.gather(1, kept))
             t_score += t1 - t0
             t_compact += time.perf_counter() - t1

@@ -16,13 +16,17 @@ prompt's own text, not the question at its end, and the EMA and smoothing use `c
 Cost across calls (CPU, with a request's state): ||W_o^h v_j||^2 depends on the token alone, so it is computed once
 per token and carried (state "restkv_vnorm"); each call expands the distance around it and projects only the new
 tokens (`value_sq_norms`, scoring.projected_distance_expanded). Same scores within float rounding.
+
+On CUDA (`kernels` auto, vllm_restkv/kernel_choice.py) the raw scores of the "after" mode come from the Triton kernel
+kernels/restkv_score.py: window attention, EMA, odds and the W_o projection in three launches without the [H, w, L]
+attention in memory; the torch window attention then runs only where the smoothing's drift needs it (L - n >= beta).
 """
 
 from __future__ import annotations
 
 import torch
 
-from vllm_restkv import scoring
+from vllm_restkv import kernel_choice, scoring
 from vllm_restkv.policies.base import EvictionPolicy, LayerKV
 
 MODES = ("after", "before")
@@ -37,7 +41,8 @@ class RestKV(EvictionPolicy):
 
     def __init__(self, window: int = 32, alpha: float = 0.3, beta: float = 2000.0, kernel_size: int = 5,
                  gqa_agg: str = "mean", mode: str = "after", carry: float = 0.0, projection_dtype: str = "auto",
-                 official_zero_shift: bool = False, chunk_alpha: float = 1.0, chunk_kernel_size: int = 1, **_):
+                 official_zero_shift: bool = False, chunk_alpha: float = 1.0, chunk_kernel_size: int = 1,
+                 kernels: str = "auto", **_):
         super().__init__(window=window, gqa_agg=gqa_agg)
         if mode not in MODES:
             raise ValueError(f"unknown ReST-KV mode {mode!r}; allowed: {', '.join(MODES)}")
@@ -46,6 +51,9 @@ class RestKV(EvictionPolicy):
         if projection_dtype not in scoring.PROJECTION_DTYPES:
             raise ValueError(f"unknown projection_dtype {projection_dtype!r}; "
                              f"allowed: {', '.join(scoring.PROJECTION_DTYPES)}")
+        if kernels not in kernel_choice.KERNEL_CHOICES:
+            raise ValueError(f"unknown kernels {kernels!r}; allowed: {', '.join(kernel_choice.KERNEL_CHOICES)}")
+        self.kernels = kernels  # an engine setting (config.kernels), not one of `settings`
         self.alpha, self.beta, self.kernel_size, self.mode, self.carry = alpha, beta, kernel_size, mode, carry
         self.chunk_alpha, self.chunk_kernel_size = chunk_alpha, chunk_kernel_size  # at kv.mid_prompt evictions
         self.projection_dtype = projection_dtype  # the W_o projection's matmul: scoring.projection_matmul_dtype
@@ -57,21 +65,31 @@ class RestKV(EvictionPolicy):
         """(EMA alpha, smoothing k_min) of this eviction: chunk_* inside the prompt, alpha / kernel_size elsewhere."""
         return (self.chunk_alpha, self.chunk_kernel_size) if kv.mid_prompt else (self.alpha, self.kernel_size)
 
-    def raw_scores(self, kv: LayerKV, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def raw_scores(self, kv: LayerKV, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """([H, P] raw per-query-head scores, [H, w', L] window attention) of a logical view, for `n` kept prefix
-        tokens (None: unknown, every window query is attended)."""
+        tokens (None: unknown, every window query is attended). The attention is None where the Triton kernel scored
+        and the smoothing does not need it."""
         h = kv.query.shape[0]
+        alpha, _ = self.smoothing(kv)
+        if kv.wo_factor is not None:
+            factor = kv.wo_factor
+        elif kv.o_proj_weight is not None:
+            factor = scoring.wo_factors(kv.o_proj_weight.to(scoring.compute_dtype(kv.query, kv.key, kv.value)), h)
+        else:
+            raise ValueError("restkv needs o_proj_weight or wo_factor")
+        if self.uses_triton(kv):
+            from kernels import restkv_score_triton
+
+            raw = restkv_score_triton(kv.query, kv.key, kv.value, factor.float(), alpha=alpha)
+            needed = n is None or scoring.drift_needed(kv.length, n, self.beta, self.official_zero_shift)
+            attn = scoring.window_attention(kv.query, kv.key, query_positions=kv.query_positions(),
+                                            key_positions=kv.positions) if needed else None
+            return raw, attn
         first = self.first_weighted_query(kv, n)
         attn = scoring.window_attention(kv.query[:, first:], kv.key, query_positions=kv.query_positions()[first:],
                                         key_positions=kv.positions, reuse=True)  # dropped by prefix_scores
-        if kv.wo_factor is not None:
-            factor = kv.wo_factor.to(attn.dtype)
-        elif kv.o_proj_weight is not None:
-            factor = scoring.wo_factors(kv.o_proj_weight.to(attn.dtype), h)
-        else:
-            raise ValueError("restkv needs o_proj_weight or wo_factor")
+        factor = factor.to(attn.dtype)
         prefix = kv.length - self.window
-        alpha, _ = self.smoothing(kv)
         score_fn = (scoring.restkv_scores_from_attention if self.mode == "after"
                     else scoring.restkv_scores_before_from_attention)
         # Carried value norms on the CPU only: there the projection is compute-bound and host memory plentiful; on
@@ -85,6 +103,15 @@ class RestKV(EvictionPolicy):
         rows = h * prefix * (attn.shape[1] if self.mode == "before" else 1)  # "before" projects every window query
         matmul_dtype = scoring.projection_matmul_dtype(self.projection_dtype, attn, rows=rows)
         return score_fn(attn, kv.value, factor, prefix, alpha, matmul_dtype), attn
+
+    def uses_triton(self, kv: LayerKV) -> bool:
+        """Whether the Triton kernel scores this view: `kernels` asks for it (auto: a CUDA cache) and the view is
+        what the kernel assumes: "after" mode, rows in logical order (compaction keeps them so), a full window of
+        queries (its window is the last w keys, o_bar sums the rest), no float64 (the oracles' precision)."""
+        return (self.kernels != "torch" and self.mode == "after" and kv.order is None
+                and kv.query.shape[1] == self.window
+                and torch.float64 not in (kv.query.dtype, kv.key.dtype, kv.value.dtype)
+                and kernel_choice.use_triton(self.kernels, kv.key))
 
     def first_weighted_query(self, kv: LayerKV, n: int | None) -> int:
         """The oldest window query this eviction needs. A query whose EMA weight is 0 (all but the newest at alpha
@@ -123,7 +150,8 @@ class RestKV(EvictionPolicy):
     def prefix_scores(self, kv: LayerKV, n: int) -> torch.Tensor:
         raw, attn = self.raw_scores(kv, n)
         _, kernel_size = self.smoothing(kv)
-        smoothed = scoring.adaptive_window_pool(raw, attn, n, self.beta, kernel_size, self.official_zero_shift)
+        smoothed = scoring.adaptive_window_pool(raw, attn, n, self.beta, kernel_size, self.official_zero_shift,
+                                                length=kv.length)
         scores = scoring.gqa_aggregate(smoothed, kv.num_kv_heads, self.gqa_agg)
         if self.carry > 0:
             old = kv.carried("restkv_carry", float("nan"))
