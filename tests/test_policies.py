@@ -286,6 +286,30 @@ def test_aws_skip_does_not_run_the_drift(monkeypatch):
     assert calls == [10]
 
 
+@pytest.mark.parametrize("gaps", [False, True])
+def test_windowed_drift_is_the_drift_of_the_whole_window_attention(gaps):
+    """The GPU path's drift, one KV head at a time, equals drift_score of the whole [H, w, L] attention (GQA, and
+    positions with gaps as after an eviction), and through adaptive_window_pool the same smoothing."""
+    q, k, v, W = random_case(30, H=6, Hkv=2, L=300, w=16)
+    g = torch.Generator().manual_seed(31)
+    prefix = (torch.randperm(400, generator=g)[:284].sort().values if gaps else torch.arange(284))
+    positions = torch.cat([prefix, torch.arange(400, 416) if gaps else torch.arange(284, 300)]).expand(2, 300)
+    qpos = positions[0, -16:]
+    attn = scoring.window_attention(q, k, query_positions=qpos, key_positions=positions)
+    for n in (40, 200):
+        whole = scoring.drift_score(attn, n)
+        assert torch.allclose(scoring.windowed_drift(q, k, n, query_positions=qpos, key_positions=positions), whole,
+                              rtol=0, atol=1e-12)
+        scores = torch.rand(6, 284, generator=g, dtype=F64)
+        beta = 1.0  # drift needed (L - n >= beta), and the heads get different widths and shifts
+        assert torch.equal(scoring.adaptive_window_pool(scores, None, n, beta, 5, length=300,
+                                                        drift=scoring.windowed_drift(q, k, n, query_positions=qpos,
+                                                                                     key_positions=positions)),
+                           scoring.adaptive_window_pool(scores, attn, n, beta, 5))
+    with pytest.raises(ValueError, match="needs the window attention or the drift"):
+        scoring.adaptive_window_pool(scores, None, 40, 5.0, 5, length=300)
+
+
 def test_o5_qr_norm_equals_the_explicit_projection():
     _, _, _, W = random_case(11)
     R = scoring.wo_factors(W, 4)

@@ -348,6 +348,21 @@ def drift_score(attn: torch.Tensor, n: int) -> torch.Tensor:
     return (sums[:, 0] - sums[:, 1]).to(attn.dtype) / (half * n)
 
 
+def windowed_drift(query: torch.Tensor, key: torch.Tensor, n: int, *, query_positions: torch.Tensor | None = None,
+                   key_positions: torch.Tensor | None = None) -> torch.Tensor:
+    """drift_score(window_attention(query, key, ...), n) computed one KV head (and its query heads) at a time: the
+    same [H] drift without [H, w, L] in memory at once (for the GPU path, whose scores come from the Triton kernel:
+    at 128k tokens with 32 query heads that is 512 MiB of fp32 probabilities, here 1/H_kv of it)."""
+    h_kv = key.shape[0]
+    group = query.shape[0] // h_kv
+    parts = []
+    for g in range(h_kv):
+        attn = window_attention(query[g * group:(g + 1) * group], key[g:g + 1], query_positions=query_positions,
+                                key_positions=None if key_positions is None else key_positions[g:g + 1])
+        parts.append(drift_score(attn, n))
+    return torch.cat(parts)
+
+
 # Exact selection on the CPU. torch's topk copies (value, index) pairs and runs one row per thread; numpy's
 # introselect on the values is 2-4x faster at every size the engine and the benchmarks use (64 rows of 768 to
 # 144 rows of 32k), and releases the GIL, so big inputs go to a small pool in row blocks.
@@ -412,8 +427,8 @@ def aws_kernel_and_shift(s: torch.Tensor, beta: float, k_min: int, official_zero
 
 
 def adaptive_window_pool(scores: torch.Tensor, attn: torch.Tensor | None, budget_prefix: int, beta: float = 2000.0,
-                         k_min: int = 5, official_zero_shift: bool = False, length: int | None = None
-                         ) -> torch.Tensor:
+                         k_min: int = 5, official_zero_shift: bool = False, length: int | None = None,
+                         drift: torch.Tensor | None = None) -> torch.Tensor:
     """Adaptive window-based smoothing of scores [H, P]: per head a box filter of width k_h centred on j + m_h with
     replicate padding; k_h and m_h follow the drift of the top `budget_prefix` keys across the window attention
     attn [H, w, L] (section 4; oracle O4).
@@ -421,13 +436,15 @@ def adaptive_window_pool(scores: torch.Tensor, attn: torch.Tensor | None, budget
     The drift is a mean difference of the mean positions of two sets of n keys among L, so |s| <= L - n; below beta
     every head gets k = k_min and m = 0 whatever s is, and the drift's top-n selections (a quarter of ReST-KV's
     select at 768 tokens) are skipped. On SmolLM2's attention |s| stayed under 710 tokens up to 2k and was 0 once in
-    30,240 cases (loadtest/drift_stats.py). `attn` may be None where the drift is not needed (then `length`, the
-    number of keys L, decides that)."""
+    30,240 cases (loadtest/drift_stats.py). Without `attn`, `length` (the number of keys L) decides whether the
+    drift is needed, and `drift` ([H], e.g. windowed_drift's) must then be given."""
     if not drift_needed(attn.shape[-1] if attn is not None else length, budget_prefix, beta, official_zero_shift):
         return _shifted_box(scores, max(k_min, 1), 0)
-    if attn is None:
-        raise ValueError("adaptive_window_pool: the drift needs the window attention")
-    ks, ms = aws_kernel_and_shift(drift_score(attn, budget_prefix), beta, k_min, official_zero_shift)
+    if drift is None:
+        if attn is None:
+            raise ValueError("adaptive_window_pool: the drift needs the window attention or the drift itself")
+        drift = drift_score(attn, budget_prefix)
+    ks, ms = aws_kernel_and_shift(drift, beta, k_min, official_zero_shift)
     heads_by_shape: dict[tuple[int, int], list[int]] = {}
     for h, shape in enumerate(zip(ks, ms)):
         heads_by_shape.setdefault(shape, []).append(h)

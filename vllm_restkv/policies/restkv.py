@@ -19,7 +19,8 @@ tokens (`value_sq_norms`, scoring.projected_distance_expanded). Same scores with
 
 On CUDA (`kernels` auto, vllm_restkv/kernel_choice.py) the raw scores of the "after" mode come from the Triton kernel
 kernels/restkv_score.py: window attention, EMA, odds and the W_o projection in three launches without the [H, w, L]
-attention in memory; the torch window attention then runs only where the smoothing's drift needs it (L - n >= beta).
+attention in memory; the torch window attention then runs only where the smoothing's drift needs it (L - n >= beta),
+one KV head at a time (scoring.windowed_drift).
 """
 
 from __future__ import annotations
@@ -67,8 +68,8 @@ class RestKV(EvictionPolicy):
 
     def raw_scores(self, kv: LayerKV, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """([H, P] raw per-query-head scores, [H, w', L] window attention) of a logical view, for `n` kept prefix
-        tokens (None: unknown, every window query is attended). The attention is None where the Triton kernel scored
-        and the smoothing does not need it."""
+        tokens (None: unknown, every window query is attended). The attention is None where the Triton kernel
+        scored (it keeps none)."""
         h = kv.query.shape[0]
         alpha, _ = self.smoothing(kv)
         if kv.wo_factor is not None:
@@ -77,14 +78,10 @@ class RestKV(EvictionPolicy):
             factor = scoring.wo_factors(kv.o_proj_weight.to(scoring.compute_dtype(kv.query, kv.key, kv.value)), h)
         else:
             raise ValueError("restkv needs o_proj_weight or wo_factor")
-        if self.uses_triton(kv):
+        if self.uses_triton(kv):  # the smoothing's drift, where needed, is computed by prefix_scores
             from kernels import restkv_score_triton
 
-            raw = restkv_score_triton(kv.query, kv.key, kv.value, factor.float(), alpha=alpha)
-            needed = n is None or scoring.drift_needed(kv.length, n, self.beta, self.official_zero_shift)
-            attn = scoring.window_attention(kv.query, kv.key, query_positions=kv.query_positions(),
-                                            key_positions=kv.positions) if needed else None
-            return raw, attn
+            return restkv_score_triton(kv.query, kv.key, kv.value, factor.float(), alpha=alpha), None
         first = self.first_weighted_query(kv, n)
         attn = scoring.window_attention(kv.query[:, first:], kv.key, query_positions=kv.query_positions()[first:],
                                         key_positions=kv.positions, reuse=True)  # dropped by prefix_scores
@@ -150,8 +147,12 @@ class RestKV(EvictionPolicy):
     def prefix_scores(self, kv: LayerKV, n: int) -> torch.Tensor:
         raw, attn = self.raw_scores(kv, n)
         _, kernel_size = self.smoothing(kv)
+        drift = None
+        if attn is None and scoring.drift_needed(kv.length, n, self.beta, self.official_zero_shift):
+            drift = scoring.windowed_drift(kv.query, kv.key, n, query_positions=kv.query_positions(),
+                                           key_positions=kv.positions)
         smoothed = scoring.adaptive_window_pool(raw, attn, n, self.beta, kernel_size, self.official_zero_shift,
-                                                length=kv.length)
+                                                length=kv.length, drift=drift)
         scores = scoring.gqa_aggregate(smoothed, kv.num_kv_heads, self.gqa_agg)
         if self.carry > 0:
             old = kv.carried("restkv_carry", float("nan"))
