@@ -185,8 +185,9 @@ class KVEvictionConfig:
         if self.kernels not in KERNEL_CHOICES:
             raise KVEvictionConfigError(
                 f"kv_eviction: unknown kernels {self.kernels!r}; allowed: {', '.join(KERNEL_CHOICES)}")
-        if self.enabled and unavailable_reason(self.kernels):
-            raise KVEvictionConfigError(f"kv_eviction: {unavailable_reason(self.kernels)}")
+        reason = unavailable_reason(self.kernels) if self.enabled else None
+        if reason:
+            raise KVEvictionConfigError(f"kv_eviction: {reason}")
 
 
 GQA_AGGREGATIONS = ("mean", "max", "mean_raw", "layer")  # vllm_restkv.scoring.GQA_MODES

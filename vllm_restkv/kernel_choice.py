@@ -61,8 +61,9 @@ def verify(device: torch.device | str) -> None:
     reason = unavailable_reason("triton") if device.type == "cpu" else None
     if reason:
         raise KernelCheckError(f"vllm-restkv: {reason}")
-    from kernels import compact_gather_torch, compact_gather_triton, restkv_score_torch, restkv_score_triton
+    from kernels import restkv_score_torch, restkv_score_triton
     from vllm_restkv import scoring
+    from vllm_restkv.engine import kv_layout
 
     g = torch.Generator().manual_seed(0)
     h, h_kv, w, d, hidden, length = 4, 2, 8, 32, 64, 200
@@ -89,9 +90,9 @@ def verify(device: torch.device | str) -> None:
     blocks = torch.tensor([5, 2, 7, 0], device=device)
     kept = torch.stack([torch.randperm(60, generator=g)[:kept_n].sort().values for _ in range(h_kv)]).to(device)
     expect = cache.clone()
-    compact_gather_torch(*(expect[i].permute(0, 2, 1, 3) for i in (0, 1)), blocks, blocks[:3], kept)
-    try:
-        compact_gather_triton(*(cache[i].permute(0, 2, 1, 3) for i in (0, 1)), blocks, blocks[:3], kept)
+    kv_layout.compact(kv_layout.FlashKVLayout, expect, blocks, *kv_layout.FlashKVLayout.read(expect, blocks, 60), kept)
+    try:  # the engine's own call (FlashKVLayout.compact_in_place), against its torch path
+        kv_layout.FlashKVLayout.compact_in_place(cache, blocks, kept)
         if not torch.equal(cache, expect):
             failures.append("compact_gather differs from the torch reference")
     except Exception as e:

@@ -47,8 +47,7 @@ class FlashKVLayout:
         from kernels import compact_gather_triton
 
         key, value = kv_cache[0].permute(0, 2, 1, 3), kv_cache[1].permute(0, 2, 1, 3)
-        needed = -(-kept.shape[1] // kv_cache.shape[2])
-        compact_gather_triton(key, value, block_ids, block_ids[:needed], kept)
+        compact_gather_triton(key, value, block_ids, block_ids, kept)  # dst: the request's first blocks
 
 
 def compact(layout, kv_cache: torch.Tensor, block_ids: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

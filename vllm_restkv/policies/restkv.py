@@ -105,7 +105,7 @@ class RestKV(EvictionPolicy):
         """Whether the Triton kernel scores this view: `kernels` asks for it (auto: a CUDA cache) and the view is
         what the kernel assumes: "after" mode, rows in logical order (compaction keeps them so), a full window of
         queries (its window is the last w keys, o_bar sums the rest), no float64 (the oracles' precision)."""
-        return (self.kernels != "torch" and self.mode == "after" and kv.order is None
+        return (self.mode == "after" and kv.order is None
                 and kv.query.shape[1] == self.window
                 and torch.float64 not in (kv.query.dtype, kv.key.dtype, kv.value.dtype)
                 and kernel_choice.use_triton(self.kernels, kv.key))
