@@ -6,7 +6,7 @@
 
 Every server gets the same KV cache (`--num-gpu-blocks-override`), the same chunked-prefill size, the same
 `--max-num-seqs`, prefix caching off (the prompts repeat across cells; a cache hit would flatter `none`) and
-`--enforce-eager`. Budgets are swept per request (`vllm_xargs.kv_eviction_budget`) on one server per policy. The
+`--enforce-eager` (`--compile`: vLLM's default instead, torch.compile on the CPU, for every server alike). Budgets are swept per request (`vllm_xargs.kv_eviction_budget`) on one server per policy. The
 prompts are `restkv-modthreads` threads (real held-out comments, loadtest/make_dataset.py's builder) of
 `--prompt-tokens` tokens wrapped in the moderation prompt; every request asks for exactly `max_tokens` tokens
 (`ignore_eos`). A closed-loop client (an `httpx` async client, streaming `/v1/completions`) keeps `concurrency`
@@ -273,6 +273,8 @@ def main() -> int:
     p.add_argument("--poll-interval", type=float, default=0.25, metavar="S",
                    help="seconds between polls of /metrics and memory during a cell (each poll costs the API server "
                         "~10 ms of CPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="run every server without --enforce-eager (vLLM's default: torch.compile on the CPU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
@@ -310,7 +312,8 @@ def measure(args) -> dict:
         with contextlib.ExitStack() as stack:
             try:
                 server = stack.enter_context(running_server(model, serve_args(args, server_policy, model, kv_blocks),
-                                                            log_path, env=server_env(VLLM_PLUGINS=PLUGINS)))
+                                                            log_path, env=server_env(VLLM_PLUGINS=PLUGINS),
+                                                            eager=not args.compile))
             except RuntimeError as e:  # refused to start: e.g. vanilla vLLM with a cache < --max-model-len
                 reason = start_up_refusal(log_path.read_text(errors="replace")) or str(e)[:300]
                 refused.append({"policy": reference_name(server_policy, kv_blocks), "reason": reason})
@@ -349,7 +352,7 @@ def measure(args) -> dict:
             "kv_blocks": args.kv_blocks, "reference_kv_blocks": args.reference_kv_blocks, "dtype": args.dtype,
             "server": server_info, "chunk": args.chunk, "max_num_seqs": args.max_num_seqs,
             "prompt_tokens": args.prompt_tokens, "requests_per_cell": args.requests, "load": loads[0][0],
-            "one_server": args.one_server, "memory_measure": MEMORY_MEASURE, "poll_interval": args.poll_interval,
+            "one_server": args.one_server, "compile": args.compile, "memory_measure": MEMORY_MEASURE, "poll_interval": args.poll_interval,
             "seconds": time.time() - started, "cells": cells, "refused": refused}
 
 

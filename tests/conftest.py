@@ -62,12 +62,13 @@ def server_env(**extra: str) -> dict[str, str]:
 class Server:
     """A real `vllm serve` process; its combined output goes to `log_path`."""
 
-    def __init__(self, model: Path, args: list[str], log_path: Path, env: dict[str, str] | None = None):
+    def __init__(self, model: Path, args: list[str], log_path: Path, env: dict[str, str] | None = None,
+                 eager: bool = True):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         cmd = [VLLM, "serve", str(model), "--host", "127.0.0.1", "--port", str(self.port),
-               "--enforce-eager", "--served-model-name", "m", *args]
+               *(["--enforce-eager"] if eager else []), "--served-model-name", "m", *args]
         self.log = open(log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env or server_env(),
                                      start_new_session=True)
@@ -103,8 +104,10 @@ class Server:
 
 
 @contextlib.contextmanager
-def running_server(model: Path, args: list[str], log_path: Path, env: dict[str, str] | None = None):
-    server = Server(model, args, log_path, env)
+def running_server(model: Path, args: list[str], log_path: Path, env: dict[str, str] | None = None,
+                   eager: bool = True):
+    """`eager` False: vLLM's default compilation (torch.compile on the CPU: 30-90 s more at start-up)."""
+    server = Server(model, args, log_path, env, eager)
     try:
         server.wait_ready()
         yield server

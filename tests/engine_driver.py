@@ -7,7 +7,8 @@ max_tokens, extra_args (list, per prompt, or None), logprobs (int), abort_after_
 (run the prompts one after another instead of as one batch), params (list, per prompt: SamplingParams keyword
 arguments over the defaults), top_logprobs (return every position's top-`logprobs` distribution as [id, logprob] pairs),
 count_triton_scores (report how often the engine scored with the Triton kernel, `triton_score_calls`), env (variables
-set before vLLM is imported, e.g. TRITON_INTERPRET).
+set before vLLM is imported, e.g. TRITON_INTERPRET), skip_query_capture (the attention layers run without capturing
+their queries, as a replayed graph would: the worker must refuse to evict).
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ def main(spec: dict) -> dict:
             return real_score(*args, **kwargs)
 
         kernels.restkv_score_triton = counted_score
+    if spec.get("skip_query_capture"):
+        from vllm_restkv.engine import worker_state
+
+        worker_state.WorkerEviction.capture_queries = lambda self, layer_name, query: None
 
     llm_kwargs = dict(model=spec["model"], enforce_eager=True, dtype=spec.get("dtype", "float32"), seed=0,
                       max_model_len=spec.get("max_model_len", 4096))
@@ -104,6 +109,8 @@ def main(spec: dict) -> dict:
         "captured_query_tokens": worker_eviction(core).captured_tokens if restkv else None,
         "preemptions": preemptions[0],
         "triton_score_calls": triton_calls[0],
+        "enforce_eager": llm.llm_engine.vllm_config.model_config.enforce_eager,
+        "compilation_mode": int(llm.llm_engine.vllm_config.compilation_config.mode),
     }
     return result
 

@@ -156,8 +156,12 @@ def test_engine_args_made_safe_for_eviction_and_unsupported_features_refused():
     config = KVEvictionConfig.from_value({"policy": "restkv", "budget": 256})
     args = SimpleNamespace(enforce_eager=False, enable_prefix_caching=None, async_scheduling=None,
                            pipeline_parallel_size=1, kv_cache_dtype="auto", speculative_config=None)
-    prepare_engine_args(args, config)
+    prepare_engine_args(args, config, cpu=False)
     assert args.enforce_eager is True and args.enable_prefix_caching is False and args.async_scheduling is False
+    # on the CPU torch.compile stays as asked (no CUDA graphs; attention runs outside the compiled graph)
+    cpu_args = SimpleNamespace(**{**vars(args), "enforce_eager": False})
+    prepare_engine_args(cpu_args, config)  # this machine: vLLM's platform is the CPU
+    assert cpu_args.enforce_eager is False
     asked = SimpleNamespace(**{**vars(args), "enable_prefix_caching": True})
     prepare_engine_args(asked, config)
     assert asked.enable_prefix_caching is True  # honoured: requests that may be compacted bypass the cache

@@ -20,16 +20,20 @@ DRIVER = Path(__file__).with_name("engine_driver.py")
 SINKS = 4
 
 
-def run_engine(spec: dict, timeout: float = 600) -> dict:
+def run_driver(spec: dict, timeout: float = 600) -> subprocess.CompletedProcess:
     import tempfile
 
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(spec, f)
     try:
-        proc = subprocess.run([sys.executable, str(DRIVER), "@" + f.name], capture_output=True, text=True,
+        return subprocess.run([sys.executable, str(DRIVER), "@" + f.name], capture_output=True, text=True,
                               timeout=timeout)
     finally:
         Path(f.name).unlink()
+
+
+def run_engine(spec: dict, timeout: float = 600) -> dict:
+    proc = run_driver(spec, timeout)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT_JSON ")]
     assert proc.returncode == 0 and lines, (proc.stdout[-3000:] + proc.stderr[-6000:])
     return json.loads(lines[-1][len("RESULT_JSON "):])
@@ -347,3 +351,29 @@ def test_restkv_scores_by_the_triton_kernel_in_the_engine(tiny_model):
     diff = (torch.tensor(triton_run["logprobs"][0]) - torch.tensor(torch_run["logprobs"][0])).abs().max()
     assert diff < 1e-4, diff
     assert triton_run["final_free_blocks"] == triton_run["idle_free_blocks"]
+
+
+def test_eviction_under_torch_compile_on_the_cpu(tiny_model):
+    """On the CPU vLLM compiles the model unless --enforce-eager, and eviction leaves that on (attention is a custom
+    op outside the compiled graph, so the query capture still runs): compiled and eager engines evict at the same
+    points, keep the same tokens (same outputs and log-probs), capture the same queries and return every block.
+    A forward whose attention skipped the capture (as a replayed graph would) stops with a message instead."""
+    prompts = [prompt_ids(700, seed=83), prompt_ids(450, seed=84)]
+    base = {"model": str(tiny_model), "prompts": prompts, "max_tokens": 90,
+            "kv_eviction": {"policy": "restkv", "budget": 192, "decode_interval": 16}}
+    eager = run_engine({**base, "llm": {"max_num_batched_tokens": 256}})
+    compiled = run_engine({**base, "llm": {"max_num_batched_tokens": 256, "enforce_eager": False}})
+    assert eager["enforce_eager"] and eager["compilation_mode"] == 0
+    assert not compiled["enforce_eager"] and compiled["compilation_mode"] > 0  # not switched off by the plugin
+    events = compiled["stats"]["events"]
+    assert events == eager["stats"]["events"] and events.get("decode", 0) >= 2 and events.get("prefill", 0) >= 3, events
+    assert compiled["captured_query_tokens"] == eager["captured_query_tokens"] > 0
+    assert compiled["tokens"] == eager["tokens"]
+    for a, b in zip(compiled["logprobs"], eager["logprobs"]):
+        diff = (torch.tensor(a) - torch.tensor(b)).abs().max()
+        assert diff < 1e-4, diff
+    assert compiled["final_free_blocks"] == compiled["idle_free_blocks"]
+    broken = run_driver({**base, "llm": {"max_num_batched_tokens": 256}, "skip_query_capture": True})
+    assert broken.returncode != 0 and "RESULT_JSON" not in broken.stdout
+    assert "0 of 4 attention layers captured their queries" in broken.stderr + broken.stdout, broken.stderr[-3000:]
+    assert "--enforce-eager" in broken.stderr + broken.stdout

@@ -12,7 +12,14 @@ from vllm_restkv.config import KVEvictionConfig, KVEvictionConfigError
 logger = logging.getLogger("vllm.restkv")
 
 
-def prepare_engine_args(args: Any, config: KVEvictionConfig) -> None:
+def on_cpu() -> bool:
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cpu()
+
+
+def prepare_engine_args(args: Any, config: KVEvictionConfig, cpu: bool | None = None) -> None:
+    """Refuse what eviction does not support, switch off unsafe defaults. `cpu`: the platform (None: vLLM's)."""
     policy = config.policy
 
     def refuse(what: str, fix: str) -> None:
@@ -30,10 +37,12 @@ def prepare_engine_args(args: Any, config: KVEvictionConfig) -> None:
     if getattr(args, "async_scheduling", None) is True:
         refuse("--async-scheduling", "drop --async-scheduling (eviction frees blocks at step boundaries)")
     args.async_scheduling = False
-    if not getattr(args, "enforce_eager", False):
-        # The query capture and the seq_lens/slot-mapping changes run as Python around each step; they are verified
-        # in eager mode only (CUDA graphs would replay captured lengths; torch.compile on CPU was not tested).
-        logger.info("vllm-restkv: --enforce-eager is turned on because KV eviction (%s) is on", policy)
+    if not getattr(args, "enforce_eager", False) and not (on_cpu() if cpu is None else cpu):
+        # The query capture runs as Python in the attention backend's forward. On a GPU, CUDA graphs would replay
+        # the attention without it. On the CPU (no graphs) vLLM's torch.compile keeps attention out of the compiled
+        # graph (a custom op), so the capture runs: verified against eager (tests/test_engine_eviction.py).
+        logger.info("vllm-restkv: --enforce-eager is turned on because KV eviction (%s) is on (CUDA graphs would "
+                    "replay attention without the query capture)", policy)
         args.enforce_eager = True
     if int(getattr(args, "pipeline_parallel_size", 1) or 1) > 1:
         refuse("pipeline parallelism (--pipeline-parallel-size > 1)", "use tensor parallelism instead")

@@ -149,6 +149,7 @@ class WorkerEviction:
         self.capture_ring_idx: torch.Tensor | None = None
         self.plan: list[PlannedEviction] = []
         self.captured_tokens = 0  # tokens whose queries were captured, all steps (tests check requests that skip it)
+        self.captured_layers = 0  # layers whose attention captured queries in this step (checked in after_step)
         self.policies: dict[str, Any] = {}
         self.block_size = runner.cache_config.block_size
         self.max_model_len = runner.max_model_len
@@ -205,6 +206,7 @@ class WorkerEviction:
         token_idx: list[np.ndarray] = []
         ring_idx: list[np.ndarray] = []
         self.plan = []
+        self.captured_layers = 0
         w = self.window
         start = 0
         cfg = self.config
@@ -369,6 +371,7 @@ class WorkerEviction:
             self.capture_ring_idx = self.capture_ring_idx.to(query.device)
         q = query.view(query.shape[0], self.ring.shape[2], self.ring.shape[3])
         self.ring[row].index_copy_(0, self.capture_ring_idx, q[self.capture_token_idx])
+        self.captured_layers += 1
 
     # ---------- after the forward ----------
     def after_step(self, output: Any) -> None:
@@ -376,6 +379,13 @@ class WorkerEviction:
             return
         if self.layers is None:
             self._init_layers()
+        if self.captured_layers < len(self.layer_list):
+            # The attention layers' Python did not run in this forward (e.g. a CUDA graph replayed it): scoring on
+            # stale or zero queries would evict the wrong tokens, so stop instead.
+            raise RuntimeError(
+                f"vllm-restkv: only {self.captured_layers} of {len(self.layer_list)} attention layers captured their "
+                f"queries in this step, so eviction cannot score it; the attention ran without its Python wrapper "
+                f"(a captured graph?). Start the server with --enforce-eager.")
         report: dict[str, tuple[int, int]] = {}
         stats = {"evicted_tokens": 0, "freed_blocks": 0, "events": {}, "scoring_seconds": 0.0,
                  "compaction_seconds": 0.0, "kept_ratio": [], "records": []}
