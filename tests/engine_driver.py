@@ -9,6 +9,9 @@ arguments over the defaults), top_logprobs (return every position's top-`logprob
 count_triton_scores (report how often the engine scored with the Triton kernel, `triton_score_calls`), env (variables
 set before vLLM is imported, e.g. TRITON_INTERPRET), skip_query_capture (the attention layers run without capturing
 their queries, as a replayed graph would: the worker must refuse to evict).
+Engines run eager (`enforce_eager`, overridable through the spec's `llm`); VLLM_RESTKV_TEST_COMPILE=1 makes vLLM's
+default compilation the default instead (`VLLM_RESTKV_TEST_COMPILE=1 pytest tests/test_engine_eviction.py`:
+every engine test with a compiled model, 15 min here).
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ def main(spec: dict) -> dict:
 
         worker_state.WorkerEviction.capture_queries = lambda self, layer_name, query: None
 
-    llm_kwargs = dict(model=spec["model"], enforce_eager=True, dtype=spec.get("dtype", "float32"), seed=0,
+    llm_kwargs = dict(model=spec["model"], enforce_eager=os.environ.get("VLLM_RESTKV_TEST_COMPILE") != "1", dtype=spec.get("dtype", "float32"), seed=0,
                       max_model_len=spec.get("max_model_len", 4096))
     llm_kwargs.update(spec.get("llm", {}))
     if spec.get("kv_eviction") is not None:
