@@ -455,8 +455,10 @@ def _wrap_step_output(original):
     def step(self, *args, **kwargs):
         output = original(self, *args, **kwargs)
         state = getattr(self, "restkv", None)
-        if state is not None and state.plan and output is not None and output is not EMPTY_MODEL_RUNNER_OUTPUT:
-            state.after_step(output)
+        if state is not None and output is not None and output is not EMPTY_MODEL_RUNNER_OUTPUT:
+            state.check_capture()
+            if state.plan:
+                state.after_step(output)
         return output
 
     return step
@@ -597,7 +599,8 @@ PATCHES: list[Patch] = [
     Patch(
         "vllm.v1.worker.gpu_model_runner:GPUModelRunner.sample_tokens",
         _wrap_step_output,
-        "after the step's forward: score, compact, truncate the row and attach the report to ModelRunnerOutput",
+        "after the step's forward: check the query capture, score, compact, truncate the row and attach the report "
+        "to ModelRunnerOutput",
     ),
     Patch(
         "vllm.v1.worker.gpu_model_runner:GPUModelRunner.execute_model",

@@ -149,7 +149,7 @@ class WorkerEviction:
         self.capture_ring_idx: torch.Tensor | None = None
         self.plan: list[PlannedEviction] = []
         self.captured_tokens = 0  # tokens whose queries were captured, all steps (tests check requests that skip it)
-        self.captured_layers = 0  # layers whose attention captured queries in this step (checked in after_step)
+        self.captured_layers = 0  # layers whose attention captured queries in this step (check_capture)
         self.policies: dict[str, Any] = {}
         self.block_size = runner.cache_config.block_size
         self.max_model_len = runner.max_model_len
@@ -374,18 +374,25 @@ class WorkerEviction:
         self.captured_layers += 1
 
     # ---------- after the forward ----------
+    def check_capture(self) -> None:
+        """After each forward that should have captured queries (any step, not only evicting ones: a window spans
+        decode steps): every attention layer must have. Where the attention ran without its Python wrapper (e.g. a
+        replayed CUDA graph), a later eviction would score stale or zero queries and keep the wrong tokens: stop."""
+        if self.capture_token_idx is None:
+            return
+        if self.layers is None:
+            self._init_layers()
+        if self.captured_layers < len(self.layer_list):
+            raise RuntimeError(
+                f"vllm-restkv: only {self.captured_layers} of {len(self.layer_list)} attention layers captured their "
+                f"queries in this step, so eviction could not score them; the attention ran without its Python "
+                f"wrapper (a captured graph?). Start the server with --enforce-eager.")
+
     def after_step(self, output: Any) -> None:
         if not self.plan:
             return
         if self.layers is None:
             self._init_layers()
-        if self.captured_layers < len(self.layer_list):
-            # The attention layers' Python did not run in this forward (e.g. a CUDA graph replayed it): scoring on
-            # stale or zero queries would evict the wrong tokens, so stop instead.
-            raise RuntimeError(
-                f"vllm-restkv: only {self.captured_layers} of {len(self.layer_list)} attention layers captured their "
-                f"queries in this step, so eviction cannot score it; the attention ran without its Python wrapper "
-                f"(a captured graph?). Start the server with --enforce-eager.")
         report: dict[str, tuple[int, int]] = {}
         stats = {"evicted_tokens": 0, "freed_blocks": 0, "events": {}, "scoring_seconds": 0.0,
                  "compaction_seconds": 0.0, "kept_ratio": [], "records": []}
