@@ -206,7 +206,9 @@ def carried_norms(calls: int = 200, sizes=((256, 128), (256, 512), (512, 512), (
     """ReST-KV's select where the engine calls it again and again: a cache of `budget` kept tokens plus `new` ones
     (a prefill chunk, or decode tokens). In a request's state the kept tokens' ||W_o^h v_j||^2 are carried from the
     previous eviction, so only the new tokens are projected; "first" is a request's first eviction (state, nothing
-    carried yet), "stateless" the offline path (every token projected). Medians of interleaved runs."""
+    carried yet), "stateless" the offline path (every token projected). Both carried columns force the carry; the
+    last column says which the engine uses at that budget (RestKV.carried_norms_min_budget). Medians of interleaved
+    runs."""
     from vllm_restkv.models import TINY_SHAPE
 
     torch.set_num_threads(1)
@@ -216,9 +218,11 @@ def carried_norms(calls: int = 200, sizes=((256, 128), (256, 512), (512, 512), (
     weight = torch.randn(TINY_SHAPE["hidden_size"], h * d) / TINY_SHAPE["hidden_size"] ** 0.5
     factor = wo_factors(weight, h)
     restkv, snapkv = get_policy("restkv", window=WINDOW), get_policy("snapkv", window=WINDOW)
+    engine_min_budget = restkv.carried_norms_min_budget
+    restkv.carried_norms_min_budget = 0  # the carried columns carry at every budget
     print(f"| budget + new tokens | restkv stateless (ms) | restkv, norms carried (ms) | restkv, first eviction (ms) "
-          f"| snapkv (ms) | carried / stateless |  ({h} query / {h_kv} KV heads, 1 thread)")
-    print("|---|---|---|---|---|---|")
+          f"| snapkv (ms) | carried / stateless | the engine |  ({h} query / {h_kv} KV heads, 1 thread)")
+    print("|---|---|---|---|---|---|---|")
     for budget, new in sizes:
         length = budget + new
         kv = LayerKV(query=torch.randn(h, WINDOW, d), key=torch.randn(h_kv, length, d),
@@ -247,7 +251,8 @@ def carried_norms(calls: int = 200, sizes=((256, 128), (256, 512), (512, 512), (
                                          calls)
         carried, first = timed_fresh(lambda: with_state(True)), timed_fresh(lambda: with_state(False))
         print(f"| {budget} + {new} | {stateless * 1e3:.2f} | {carried * 1e3:.2f} | {first * 1e3:.2f} "
-              f"| {snap * 1e3:.2f} | {carried / stateless:.2f}x |")
+              f"| {snap * 1e3:.2f} | {carried / stateless:.2f}x "
+              f"| {'carried' if budget >= engine_min_budget else 'stateless'} |")
     cache = "off, as in a CPU server" if onednn_primitive_cache_off() else "on"
     print(f"\ncommand: {' '.join(sys.argv)}; torch {torch.__version__}; oneDNN primitive cache {cache}")
 

@@ -160,8 +160,9 @@ def _compact_case(seed, dst_kind, block_b=4, **kwargs):
 def _policy_case(seed, mid_prompt=False, beta=2000.0, compacted=False, state=False):
     """The engine's wiring of the score kernel: RestKV(kernels="triton") against RestKV(kernels="torch") on the same
     view (scores to 1e-4 relative, the same kept tokens), and the drift (scoring.windowed_drift) only where the
-    smoothing needs it (twice then: score and select). `compacted`: positions with gaps, as after an earlier eviction; `state`: a request's state dict (on
-    the CPU the torch path then expands around carried value norms)."""
+    smoothing needs it (twice then: score and select). `compacted`: positions with gaps, as after an earlier
+    eviction; `state`: a request's state dict (on the CPU the torch path then expands around carried value norms).
+    The torch path projects in float32 as the kernel does (`auto` would pick bf16 on a CPU with native bf16)."""
     from vllm_restkv.policies import LayerKV, RestKV
 
     h, h_kv, w, d, hidden, length, budget = 4, 2, 8, 16, 32, 70, 30
@@ -174,7 +175,8 @@ def _policy_case(seed, mid_prompt=False, beta=2000.0, compacted=False, state=Fal
         positions = torch.arange(length)
     kv = LayerKV(query=q, key=k, value=v, positions=positions.expand(h_kv, length), o_proj_weight=W,
                  mid_prompt=mid_prompt, state={} if state else None)
-    fast, ref = (RestKV(window=w, beta=beta, kernels=name) for name in ("triton", "torch"))
+    fast, ref = (RestKV(window=w, beta=beta, kernels=name, projection_dtype="float32") for name in ("triton", "torch"))
+    ref.carried_norms_min_budget = 0  # with `state`, carried at this small budget too
     if not fast.uses_triton(kv):
         return {"ok": False, "error": "the Triton path was not taken"}
     drifts, real_drift = [], scoring.windowed_drift

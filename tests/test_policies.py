@@ -404,6 +404,7 @@ def test_restkv_carried_value_norms_follow_their_tokens():
     cache (fp64 to 1e-10, fp32 to 1e-4 relative) and the kept tokens are the same."""
     for dtype, tol in ((F64, 1e-10), (torch.float32, 1e-4)):
         policy = get_policy("restkv", window=8, projection_dtype="float32")
+        policy.carried_norms_min_budget = 0  # carry at this small budget (the default starts at 512 kept tokens)
         kv = random_kv(41, L=72, w=8, dtype=dtype)
         for step, new in enumerate((24, 40, 12)):
             kept = evict(policy, kv, 32)
@@ -418,6 +419,27 @@ def test_restkv_carried_value_norms_follow_their_tokens():
             prefix = kv.length - 8
             assert rel_err(scores[:, :prefix], expect[:, :prefix].double()) < tol
             assert torch.equal(policy.select(kv, 32), policy.select(stateless, 32))
+
+
+def test_restkv_carries_value_norms_only_from_its_minimum_budget():
+    """The norms are carried where that pays (budget >= CARRIED_NORMS_MIN_BUDGET kept tokens) and not below; a call
+    below it drops norms an earlier call left (they would not cover the cache afterwards), and either way the
+    kept tokens equal stateless scoring's."""
+    from vllm_restkv.policies.restkv import CARRIED_NORMS_MIN_BUDGET, VALUE_NORMS
+
+    policy = get_policy("restkv", window=8, projection_dtype="float32")
+    assert policy.carried_norms_min_budget == CARRIED_NORMS_MIN_BUDGET == 512
+    small = random_kv(43, L=200, w=8)
+    kept = evict(policy, small, 64)
+    assert VALUE_NORMS not in small.state
+    assert torch.equal(kept, policy.select(dataclasses.replace(small, state=None), 64))
+    large = random_kv(44, L=700, w=8)
+    kept = evict(policy, large, 512)
+    assert large.state[VALUE_NORMS].shape == (4, 512)
+    step = next_step(large, kept, 45, new=40)
+    assert torch.equal(policy.select(step, 512), policy.select(dataclasses.replace(step, state=None), 512))
+    kept = evict(policy, step, 300)  # a smaller budget for the same state: norms dropped, nothing raised
+    assert VALUE_NORMS not in step.state and kept.shape == (2, 300)
 
 
 def test_projected_distance_with_a_bf16_matmul_is_within_bf16_rounding():
@@ -974,6 +996,7 @@ def test_restkv_projection_dtype_counts_the_rows_each_mode_projects(monkeypatch)
     monkeypatch.setattr(scoring, "projected_sq_norms", lambda value, factor, matmul_dtype=None: projected.append(
         (value.shape[1], matmul_dtype)) or real_norms(value, factor, matmul_dtype))
     policy, kv = get_policy("restkv", window=8), random_kv(7, L=96, w=8, H=4, Hkv=2)
+    policy.carried_norms_min_budget = 0  # carried at this small budget too
     step2 = next_step(kv, evict(policy, kv, 40), 8, new=16)
     policy.select(step2, 40)
     assert seen == [] and projected == [(96, torch.float32), (16, torch.float32)]

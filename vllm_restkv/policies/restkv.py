@@ -15,7 +15,9 @@ prompt's own text, not the question at its end, and the EMA and smoothing use `c
 
 Cost across calls (CPU, with a request's state): ||W_o^h v_j||^2 depends on the token alone, so it is computed once
 per token and carried (state "restkv_vnorm"); each call expands the distance around it and projects only the new
-tokens (`value_sq_norms`, scoring.projected_distance_expanded). Same scores within float rounding.
+tokens (`value_sq_norms`, scoring.projected_distance_expanded). Same scores within float rounding. Only for budgets of
+at least CARRIED_NORMS_MIN_BUDGET kept tokens: below that the expansion's extra steps cost more than the projection of
+the few kept tokens saves (5-12% slower at budget 256, even at 512; docs/benchmarks.md).
 
 On CUDA (`kernels` auto, vllm_restkv/kernel_choice.py) the raw scores of the "after" mode come from the Triton kernel
 kernels/restkv_score.py: window attention, EMA, odds and the W_o projection in three launches without the [H, w, L]
@@ -32,11 +34,15 @@ from vllm_restkv.policies.base import EvictionPolicy, LayerKV
 
 MODES = ("after", "before")
 VALUE_NORMS = "restkv_vnorm"  # state: ||R_h v_j||^2 [H, L]
+# Carry the value norms only for budgets (kept tokens, window included) of at least this many: measured break-even at
+# 512 on the tiny model's heads (`bench_scoring.py --carried`: 0.97-0.98x there, 1.05-1.12x at 256, 0.64-0.87x at 768+)
+CARRIED_NORMS_MIN_BUDGET = 512
 
 
 class RestKV(EvictionPolicy):
     name = "restkv"
     needs_o_proj = True
+    carried_norms_min_budget = CARRIED_NORMS_MIN_BUDGET  # tests set 0 to carry at small sizes
     settings = ("window", "alpha", "beta", "kernel_size", "chunk_alpha", "chunk_kernel_size", "gqa_agg", "carry",
                 "projection_dtype")
 
@@ -92,7 +98,7 @@ class RestKV(EvictionPolicy):
         # Carried value norms on the CPU only: there the projection is compute-bound and host memory plentiful; on
         # a GPU it is cheap, and the norms ([H, L] fp32 per layer, G/d of the kept KV's size: 3% for GQA with 4
         # query heads per KV head and d = 128) would sit outside vLLM's KV memory budget.
-        if self.mode == "after" and kv.state is not None and kv.order is None and kv.value.device.type == "cpu":
+        if self.carries_norms(kv, n):
             norms_dtype = self.norms_matmul_dtype(attn.dtype)
             return scoring.restkv_scores_from_attention(attn, kv.value, factor, prefix, alpha,
                                                         value_sq_norms=self.value_sq_norms(kv, factor, attn.dtype),
@@ -100,6 +106,16 @@ class RestKV(EvictionPolicy):
         rows = h * prefix * (attn.shape[1] if self.mode == "before" else 1)  # "before" projects every window query
         matmul_dtype = scoring.projection_matmul_dtype(self.projection_dtype, attn, rows=rows)
         return score_fn(attn, kv.value, factor, prefix, alpha, matmul_dtype), attn
+
+    def carries_norms(self, kv: LayerKV, n: int | None) -> bool:
+        """Whether this call scores from carried value norms (keeping them in kv.state for the next one). Where it
+        does not, norms an earlier call left are dropped: they would no longer cover the cache after this one."""
+        carries = (self.mode == "after" and kv.state is not None and kv.order is None
+                   and kv.value.device.type == "cpu"
+                   and (n is None or n + self.window >= self.carried_norms_min_budget))
+        if not carries and kv.state is not None:
+            kv.state.pop(VALUE_NORMS, None)
+        return carries
 
     def uses_triton(self, kv: LayerKV) -> bool:
         """Whether the Triton kernel scores this view: `kernels` asks for it (auto: a CUDA cache) and the view is
