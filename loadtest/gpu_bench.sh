@@ -7,7 +7,9 @@
 #   bash loadtest/gpu_bench.sh                    # writes docs/bench/gpu/{load-llama2-7b,load-llama2-13b}.json,
 #                                                 # docs/bench/gpu/benchmarks-gpu.md and the plots
 # Knobs (environment): PY, OUT, PROMPT (prompt tokens), BUDGETS, BLOCKS (KV cache in blocks of 16 tokens, the same for
-# every policy), REQUESTS, CONCURRENCY, MAX_TOKENS, MODELS.
+# every policy), REQUESTS, CONCURRENCY, MAX_TOKENS, MODELS, GRAPHS (eager, the default: eviction turns on
+# --enforce-eager; piecewise: PIECEWISE CUDA graphs around the attention, `-cc '{"cudagraph_mode": "PIECEWISE"}'`,
+# which the plugin keeps; vanilla vLLM's default would be FULL_AND_PIECEWISE).
 #
 # One server per model serves every policy (`--one-server`: each request names its policy through vllm_xargs), so
 # there are two start-ups instead of ten; `none` is then "eviction off for this request" on that server.
@@ -22,6 +24,13 @@ REQUESTS=${REQUESTS:-48}
 CONCURRENCY=${CONCURRENCY:-32}
 MAX_TOKENS=${MAX_TOKENS:-"1 64"}
 MODELS=${MODELS:-"llama2-7b llama2-13b"}
+GRAPHS=${GRAPHS:-eager}
+case "$GRAPHS" in
+  eager) graph_args=() ;;
+  piecewise) graph_args=(--compile --serve-args --block-size 16 -cc '{"cudagraph_mode": "PIECEWISE"}') ;;
+  *) echo "GRAPHS must be eager or piecewise, got '$GRAPHS'" >&2; exit 2 ;;
+esac
+[ ${#graph_args[@]} -eq 0 ] && graph_args=(--serve-args --block-size 16)
 mkdir -p "$OUT"
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device: this script is for a GPU machine'"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
@@ -31,7 +40,7 @@ for model in $MODELS; do
   "$PY" loadtest/bench_load.py --model "$model" --one-server --policies none restkv snapkv h2o tova \
     --budgets $BUDGETS --kv-blocks "$BLOCKS" --prompt-tokens "$PROMPT" --prompts 48 \
     --concurrency "$CONCURRENCY" --requests "$REQUESTS" --max-tokens $MAX_TOKENS --max-num-seqs 64 --chunk 2048 \
-    --dtype bfloat16 --out "$OUT/load-$model.json" --serve-args --block-size 16
+    --dtype bfloat16 --out "$OUT/load-$model.json" "${graph_args[@]}"
   reports+=(--load "$OUT/load-$model.json")
 done
 "$PY" loadtest/report.py "${reports[@]}" --markdown "$OUT/benchmarks-gpu.md" --plots "$OUT" \

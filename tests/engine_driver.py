@@ -46,8 +46,8 @@ def main(spec: dict) -> dict:
 
         worker_state.WorkerEviction.capture_queries = lambda self, layer_name, query: None
 
-    llm_kwargs = dict(model=spec["model"], enforce_eager=os.environ.get("VLLM_RESTKV_TEST_COMPILE") != "1", dtype=spec.get("dtype", "float32"), seed=0,
-                      max_model_len=spec.get("max_model_len", 4096))
+    llm_kwargs = dict(model=spec["model"], enforce_eager=os.environ.get("VLLM_RESTKV_TEST_COMPILE") != "1",
+                      dtype=spec.get("dtype", "float32"), seed=0, max_model_len=spec.get("max_model_len", 4096))
     llm_kwargs.update(spec.get("llm", {}))
     if spec.get("kv_eviction") is not None:
         llm_kwargs["additional_config"] = {"kv_eviction": spec["kv_eviction"]}
@@ -114,6 +114,7 @@ def main(spec: dict) -> dict:
         "triton_score_calls": triton_calls[0],
         "enforce_eager": llm.llm_engine.vllm_config.model_config.enforce_eager,
         "compilation_mode": int(llm.llm_engine.vllm_config.compilation_config.mode),
+        "cudagraph_mode": str(getattr(llm.llm_engine.vllm_config.compilation_config.cudagraph_mode, "name", None)),
     }
     return result
 

@@ -162,6 +162,22 @@ def test_engine_args_made_safe_for_eviction_and_unsupported_features_refused():
     cpu_args = SimpleNamespace(**{**vars(args), "enforce_eager": False})
     prepare_engine_args(cpu_args, config)  # this machine: vLLM's platform is the CPU
     assert cpu_args.enforce_eager is False
+    # on a GPU, CUDA graph modes that keep the attention outside the graphs are kept (the capture runs there);
+    # a mode whose graphs contain the attention is refused; vLLM's CompilationConfig or a plain dict alike
+    from vllm.config import CompilationConfig
+
+    for compilation in (CompilationConfig(cudagraph_mode="PIECEWISE"), {"cudagraph_mode": "NONE"}):
+        piecewise = SimpleNamespace(**{**vars(args), "enforce_eager": False, "compilation_config": compilation})
+        prepare_engine_args(piecewise, config, cpu=False)
+        assert piecewise.enforce_eager is False
+    for mode in ("FULL_AND_PIECEWISE", "FULL", "FULL_DECODE_ONLY"):
+        full = SimpleNamespace(**{**vars(args), "enforce_eager": False,
+                                  "compilation_config": CompilationConfig(cudagraph_mode=mode)})
+        with pytest.raises(KVEvictionConfigError, match=f"cudagraph_mode {mode} .*PIECEWISE.* or --enforce-eager"):
+            prepare_engine_args(full, config, cpu=False)
+    unset = SimpleNamespace(**{**vars(args), "enforce_eager": False, "compilation_config": CompilationConfig()})
+    prepare_engine_args(unset, config, cpu=False)
+    assert unset.enforce_eager is True  # vLLM would pick FULL_AND_PIECEWISE
     asked = SimpleNamespace(**{**vars(args), "enable_prefix_caching": True})
     prepare_engine_args(asked, config)
     assert asked.enable_prefix_caching is True  # honoured: requests that may be compacted bypass the cache

@@ -365,6 +365,7 @@ def test_eviction_under_torch_compile_on_the_cpu(tiny_model):
     compiled = run_engine({**base, "llm": {"max_num_batched_tokens": 256, "enforce_eager": False}})
     assert eager["enforce_eager"] and eager["compilation_mode"] == 0
     assert not compiled["enforce_eager"] and compiled["compilation_mode"] > 0  # not switched off by the plugin
+    assert compiled["cudagraph_mode"] == "NONE"  # no CUDA graphs on the CPU: attention runs as Python, captured
     events = compiled["stats"]["events"]
     assert events == eager["stats"]["events"] and events.get("decode", 0) >= 2 and events.get("prefill", 0) >= 3, events
     assert compiled["captured_query_tokens"] == eager["captured_query_tokens"] > 0

@@ -18,6 +18,20 @@ def on_cpu() -> bool:
     return current_platform.is_cpu()
 
 
+# CUDA graph modes (vLLM's CompilationConfig.cudagraph_mode) under which the attention runs outside the graphs, as
+# Python, so that the query capture runs: NONE, and PIECEWISE (the graphs hold the layers between attentions).
+CAPTURE_SAFE_CUDAGRAPH_MODES = ("NONE", "PIECEWISE")
+
+
+def requested_cudagraph_mode(args: Any) -> str | None:
+    """The cudagraph_mode given with --compilation-config / -cc (or EngineArgs(compilation_config=...)), by name;
+    None where it was not given (vLLM then picks FULL_AND_PIECEWISE on most GPUs)."""
+    compilation = getattr(args, "compilation_config", None)
+    mode = compilation.get("cudagraph_mode") if isinstance(compilation, dict) else getattr(compilation,
+                                                                                          "cudagraph_mode", None)
+    return None if mode is None else str(getattr(mode, "name", mode)).upper()
+
+
 def prepare_engine_args(args: Any, config: KVEvictionConfig, cpu: bool | None = None) -> None:
     """Refuse what eviction does not support, switch off unsafe defaults. `cpu`: the platform (None: vLLM's)."""
     policy = config.policy
@@ -38,12 +52,24 @@ def prepare_engine_args(args: Any, config: KVEvictionConfig, cpu: bool | None = 
         refuse("--async-scheduling", "drop --async-scheduling (eviction frees blocks at step boundaries)")
     args.async_scheduling = False
     if not getattr(args, "enforce_eager", False) and not (on_cpu() if cpu is None else cpu):
-        # The query capture runs as Python in the attention backend's forward. On a GPU, CUDA graphs would replay
-        # the attention without it. On the CPU (no graphs) vLLM's torch.compile keeps attention out of the compiled
-        # graph (a custom op), so the capture runs: verified against eager (tests/test_engine_eviction.py).
-        logger.info("vllm-restkv: --enforce-eager is turned on because KV eviction (%s) is on (CUDA graphs would "
-                    "replay attention without the query capture)", policy)
-        args.enforce_eager = True
+        # The query capture runs as Python in the attention backend's forward. On the CPU (no graphs) vLLM's
+        # torch.compile keeps attention out of the compiled graph (a custom op), so the capture runs: verified
+        # against eager (tests/test_engine_eviction.py). On a GPU, vLLM's default CUDA graphs (FULL_AND_PIECEWISE)
+        # would replay the attention of decode steps without it; PIECEWISE graphs keep attention outside, as the
+        # CPU's compiled graph does (not yet run on a GPU: opt-in; the capture check stops a server where it fails).
+        mode = requested_cudagraph_mode(args)
+        if mode is None:
+            logger.info("vllm-restkv: --enforce-eager is turned on because KV eviction (%s) is on (CUDA graphs would "
+                        "replay attention without the query capture; -cc '{\"cudagraph_mode\": \"PIECEWISE\"}' "
+                        "keeps CUDA graphs around the attention instead)", policy)
+            args.enforce_eager = True
+        elif mode not in CAPTURE_SAFE_CUDAGRAPH_MODES:
+            refuse(f"--compilation-config cudagraph_mode {mode} (CUDA graphs that contain the attention, which "
+                   f"would run without the query capture)",
+                   'use -cc \'{"cudagraph_mode": "PIECEWISE"}\' or --enforce-eager')
+        else:
+            logger.info("vllm-restkv: CUDA graph mode %s kept with KV eviction (%s): attention runs outside the "
+                        "graphs, so the window queries are captured (checked in every step)", mode, policy)
     if int(getattr(args, "pipeline_parallel_size", 1) or 1) > 1:
         refuse("pipeline parallelism (--pipeline-parallel-size > 1)", "use tensor parallelism instead")
     kv_dtype = str(getattr(args, "kv_cache_dtype", "auto") or "auto")

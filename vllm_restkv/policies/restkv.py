@@ -17,7 +17,7 @@ Cost across calls (CPU, with a request's state): ||W_o^h v_j||^2 depends on the 
 per token and carried (state "restkv_vnorm"); each call expands the distance around it and projects only the new
 tokens (`value_sq_norms`, scoring.projected_distance_expanded). Same scores within float rounding. Only for budgets of
 at least CARRIED_NORMS_MIN_BUDGET kept tokens: below that the expansion's extra steps cost more than the projection of
-the few kept tokens saves (5-12% slower at budget 256, even at 512; docs/benchmarks.md).
+the few kept tokens saves (5-12% slower at budget 256, break-even at 512; docs/benchmarks.md).
 
 On CUDA (`kernels` auto, vllm_restkv/kernel_choice.py) the raw scores of the "after" mode come from the Triton kernel
 kernels/restkv_score.py: window attention, EMA, odds and the W_o projection in three launches without the [H, w, L]
