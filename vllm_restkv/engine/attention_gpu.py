@@ -1,7 +1,9 @@
 """FlashAttention wrapper that captures observation-window queries (GPU; same contract as attention.py).
 
-The V1 model runner is forced on GPU (compatibility.py), and eviction needs eager Python in the step, so CUDA
-graphs capture nothing of it; scoring and compaction run after the forward, outside any graph.
+The V1 model runner is forced on GPU (compatibility.py). This forward must run as Python in every step: eager, or
+with PIECEWISE CUDA graphs, which hold the layers between attentions and call attention (vLLM's custom op) outside
+them; graph modes that contain attention are refused at start-up. Scoring and compaction run after the forward,
+outside any graph.
 """
 
 from __future__ import annotations
