@@ -26,11 +26,10 @@ MAX_TOKENS=${MAX_TOKENS:-"1 64"}
 MODELS=${MODELS:-"llama2-7b llama2-13b"}
 GRAPHS=${GRAPHS:-eager}
 case "$GRAPHS" in
-  eager) graph_args=() ;;
+  eager) graph_args=(--serve-args --block-size 16) ;;
   piecewise) graph_args=(--compile --serve-args --block-size 16 -cc '{"cudagraph_mode": "PIECEWISE"}') ;;
   *) echo "GRAPHS must be eager or piecewise, got '$GRAPHS'" >&2; exit 2 ;;
 esac
-[ ${#graph_args[@]} -eq 0 ] && graph_args=(--serve-args --block-size 16)
 mkdir -p "$OUT"
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device: this script is for a GPU machine'"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
